@@ -1,0 +1,109 @@
+"""The application factory: builds the FastAPI app from injected ``Settings`` (and optionally a store).
+
+The lifespan owns every resource (store, authenticator, HTTP client); there are no module-level globals.
+One exception handler turns any ``errors.FhirError`` into an OperationOutcome with its HTTP status, and
+framework errors (unknown route 404, wrong method 405, unexpected exceptions 500) are rendered the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from . import __version__
+from .api import fhir as fhir_routes
+from .api.capability import capability_statement
+from .api.http import fhir_response
+from .api.interactions import Interactions
+from .auth import Authenticator
+from .errors import FhirError, InvalidRequest, MethodNotAllowed, NotFound
+from .settings import Settings
+from .store import Store, open_store
+from .store.base import format_instant, utcnow
+
+log = logging.getLogger("fhir_outreach")
+
+
+def _outcome(status: int, code: str, diagnostics: str) -> Response:
+    return fhir_response({"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": code, "diagnostics": diagnostics}]}, status)
+
+
+def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        the_store = store or _make_store(settings)
+        await the_store.open()
+        http = httpx.AsyncClient(timeout=10)
+        authenticator = Authenticator(settings, http)
+        authenticator.prepare()
+        app.state.settings = settings
+        app.state.store = the_store
+        app.state.authenticator = authenticator
+        app.state.interactions = Interactions(the_store, base_url=settings.fhir_base,
+                                              default_count=settings.default_count, max_count=settings.max_count)
+        app.state.capability = capability_statement(settings.fhir_base, auth_on=authenticator.enabled,
+                                                    jwt=bool(settings.jwt_issuer), started=format_instant(utcnow()))
+        try:
+            yield
+        finally:
+            await http.aclose()
+            await the_store.close()
+
+    app = FastAPI(title="fhir-outreach", version=__version__, lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    app.include_router(fhir_routes.router)
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> Response:
+        await request.app.state.store.ping()
+        return fhir_response({"status": "ok", "version": __version__}, media_type="application/json")
+
+    @app.exception_handler(FhirError)
+    async def fhir_error(request: Request, exc: FhirError) -> Response:
+        if exc.status >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc.diagnostics)
+        headers = {"WWW-Authenticate": 'Bearer realm="fhir-outreach"'} if exc.status == 401 else None
+        if exc.retryable:
+            headers = {"Retry-After": "5"}
+        return fhir_response(exc.to_outcome(), int(exc.status), headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            err: FhirError = NotFound(f"no FHIR endpoint at {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        else:
+            return _outcome(exc.status_code, "processing", str(exc.detail))
+        return fhir_response(err.to_outcome(), int(err.status))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        err = InvalidRequest(f"invalid request: {exc.errors()[0].get('msg', exc)}")
+        return fhir_response(err.to_outcome(), int(err.status))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _outcome(500, "exception", f"internal error ({type(exc).__name__}); see the server log")
+
+    return app
+
+
+def _make_store(settings: Settings) -> Store:
+    if settings.store.startswith("sqlite:"):
+        from .store.sqlite import SqliteStore
+
+        return SqliteStore(settings.store, base_url=settings.fhir_base, synchronous=settings.sqlite_synchronous)
+    return open_store(settings.store, base_url=settings.fhir_base)
+
+

@@ -1,0 +1,1 @@
+"""FHIR knowledge shared by every layer: resource models, search parameters, search, FHIRPath."""

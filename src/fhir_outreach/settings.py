@@ -1,0 +1,142 @@
+"""Settings: environment variables prefixed ``FHIR_OUTREACH_`` and an optional TOML settings file.
+
+The file is named by ``FHIR_OUTREACH_SETTINGS_FILE`` (or ``--settings`` on the command line); environment
+variables win over the file. ``load_settings`` turns any validation failure into a ``SettingsError`` whose
+message is one line naming the setting, which the CLI prints before exiting with status 2. Settings are
+built once by the CLI (or a test) and injected into the application; nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import SettingsError
+
+ENV_PREFIX = "FHIR_OUTREACH_"
+DEFAULT_STORE = "sqlite:///data/fhir-outreach.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    store: str = Field(DEFAULT_STORE, description="Store URL: sqlite:///path/file.db or mongodb://host/db")
+    data_dir: Path = Field(Path("data"), description="Directory for the generated token and local files")
+    host: str = Field("127.0.0.1", description="Listen address")
+    port: int = Field(8080, ge=1, le=65535, description="Listen port")
+    base_url: str | None = Field(None, description="Public base URL of the FHIR API (default http://host:port/fhir)")
+    api_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated static bearer tokens (full access)")
+    auth: Literal["on", "off"] = Field("on", description="'off' disables authentication (logs a warning)")
+    jwt_issuer: str | None = Field(None, description="Accepted JWT issuer (enables JWT bearer tokens)")
+    jwt_audience: str | None = Field(None, description="Required JWT audience (default: the base URL)")
+    jwt_jwks_url: str | None = Field(None, description="JWKS URL with the issuer's signing keys")
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["RS256", "ES256", "RS384", "ES384"], description="Accepted JWT algorithms")
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted request body")
+    default_count: int = Field(50, ge=1, description="Default page size of searches")
+    max_count: int = Field(1000, ge=1, description="Largest accepted _count")
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite PRAGMA synchronous (FULL fsyncs every group commit)")
+    worker_poll_seconds: float = Field(1.0, gt=0, description="How often an idle worker polls the store")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+
+    @field_validator("api_tokens", "jwt_algorithms", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _token_length(cls, value: list[str]) -> list[str]:
+        for token in value:
+            if len(token) < 16:
+                raise ValueError("every token must be at least 16 characters long")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+            return value
+        if value.startswith(("mongodb://", "mongodb+srv://")):
+            return value
+        raise ValueError("must be sqlite:///path/to/file.db or mongodb://host[:port]/dbname")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an absolute http(s) URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _jwt_complete(self) -> Settings:
+        if self.jwt_issuer and not self.jwt_jwks_url:
+            raise ValueError("FHIR_OUTREACH_JWT_JWKS_URL is required when FHIR_OUTREACH_JWT_ISSUER is set")
+        return self
+
+    @property
+    def fhir_base(self) -> str:
+        return self.base_url or f"http://{self.host}:{self.port}/fhir"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _TomlSource(settings_cls)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Values from the TOML file named by FHIR_OUTREACH_SETTINGS_FILE (keys without the prefix)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self.data: dict[str, Any] = {}
+        name = os.environ.get(ENV_PREFIX + "SETTINGS_FILE")
+        if name:
+            path = Path(name)
+            try:
+                self.data = tomllib.loads(path.read_text())
+            except FileNotFoundError as exc:
+                raise SettingsError(f"{ENV_PREFIX}SETTINGS_FILE: no such file {path}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsError(f"{ENV_PREFIX}SETTINGS_FILE: {path} is not valid TOML: {exc}") from exc
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from overrides, the environment and the settings file; one-line SettingsError if bad.
+
+    An unknown ``FHIR_OUTREACH_*`` variable is an error too: a typo must not silently fall back to a default.
+    """
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {ENV_PREFIX + "SETTINGS_FILE"}
+    unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    if unknown:
+        raise SettingsError(f"unknown setting {unknown[0]} (known: {', '.join(sorted(known))})")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "settings"
+        name = ENV_PREFIX + field.upper() if err["loc"] else "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        shown = f" (got {given!r})" if isinstance(given, str | int | float) and "token" not in field else ""
+        raise SettingsError(f"invalid setting {name}: {msg}{shown}") from exc

@@ -1,0 +1,71 @@
+"""The ``fhir-outreach worker`` process loop.
+
+A worker connects to the configured store, checks it is reachable, and then polls for work until it is
+asked to stop (SIGTERM/SIGINT), finishing the current poll before closing the store. The journey engine
+(a later issue) registers the job kinds it claims; until then each poll only checks the store's health,
+so a worker can already be deployed, started, supervised and stopped cleanly beside ``serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from ..errors import StoreUnavailable
+from ..store import Store
+
+log = logging.getLogger("fhir_outreach.worker")
+
+Job = Callable[[Store], Awaitable[int]]  # returns how many items it handled
+
+
+class Worker:
+    def __init__(self, store: Store, *, poll_seconds: float = 1.0, jobs: list[Job] | None = None) -> None:
+        self.store = store
+        self.poll_seconds = poll_seconds
+        self.jobs = list(jobs or [])
+        self.stopping = asyncio.Event()
+        self.polls = 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run_once(self) -> int:
+        await self.store.ping()
+        handled = 0
+        for job in self.jobs:
+            handled += await job(self.store)
+        self.polls += 1
+        return handled
+
+    async def run(self) -> None:
+        log.info("worker started (%d job kinds registered)", len(self.jobs))
+        while not self.stopping.is_set():
+            try:
+                handled = await self.run_once()
+            except StoreUnavailable as exc:
+                log.warning("store unavailable, retrying: %s", exc.diagnostics)
+                handled = 0
+            if handled:
+                continue
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.poll_seconds)
+            except TimeoutError:
+                pass
+        log.info("worker stopped after %d polls", self.polls)
+
+
+async def run_worker(store: Store, poll_seconds: float) -> None:
+    await store.open()
+    try:
+        await store.ping()
+        worker = Worker(store, poll_seconds=poll_seconds)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        print("fhir-outreach worker: connected to the store; waiting for work (Ctrl-C to stop)", flush=True)
+        await worker.run()
+    finally:
+        await store.close()
