@@ -1,0 +1,786 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark of the fhir-outreach FHIR API over real HTTP, per store backend.
+
+For each store (SQLite, MongoDB via a local ``nx-27017`` wire-compatible server) one run:
+
+1. starts a real ``fhir-outreach serve`` subprocess on a free 127.0.0.1 port with a fresh temporary data dir
+   (and an ``nx-27017 --db memory`` subprocess for MongoDB) and waits for ``/healthz``;
+2. creates N Task resources with single ``POST /fhir/Task`` requests from a local async httpx client
+   (keep-alive, ``--concurrency`` requests in flight) and reports creates/s; then creates a further slice
+   (``--batch-fraction`` of N) as ``batch`` Bundles of ``--batch-size`` creates (``POST /fhir``) and reports
+   those creates/s separately;
+3. reads ``GET /fhir/Task/{id}`` for random ids (reads/s, same concurrency);
+4. searches ``GET /fhir/Task?patient=Patient/pX&status=requested`` sequentially from one client (so the
+   figure is the server's latency, not queueing) at 10%, 50% and 100% of N, reporting p50/p95/p99;
+5. samples the server's RSS (``/proc/<pid>/status`` VmRSS) at start and at each checkpoint, and its peak
+   (VmHWM) at the end.
+
+The load is paused at each checkpoint while RSS and search latency are sampled; creates/s counts only the
+time spent creating. Tasks are assigned to patients in blocks of 100 (task i -> Patient/p{i // 100}), so the
+store grows by adding patients and every fully-populated patient has ~100 Tasks (~25 ``requested``) at every
+checkpoint: the search result size stays constant and only the store size changes.
+
+The client runs on the same machine as the server (and nx-27017): all compete for the same cores. The
+script reports the CPU time the client, the server and nx-27017 used in each phase.
+
+Every process the script starts binds to 127.0.0.1 and is stopped on exit, error or Ctrl-C.
+
+    /work/venv/bin/python bench/bench_api.py --quick --store both
+    /work/venv/bin/python bench/bench_api.py --store sqlite --tasks 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BIN = Path(sys.executable).parent
+SERVE = [str(BIN / "fhir-outreach"), "serve"]
+NX = str(BIN / "nx-27017")
+STATUSES = ("requested", "in-progress", "completed", "cancelled")
+CODES = (("http://hl7.org/fhir/CodeSystem/task-code", "fulfill"),
+         ("http://example.org/fhir-outreach/task-code", "outreach-call"),
+         ("http://example.org/fhir-outreach/task-code", "goal-follow-up"))
+TASKS_PER_PATIENT = 100
+CHECKPOINTS = (0.1, 0.5, 1.0)
+FHIR_JSON = "application/fhir+json"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TARGETS = {"creates_per_s": 1500, "search_p95_ms": 20.0, "rss_growth_pct": 15.0}
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Processes:
+    """Every subprocess this script starts; ``stop_all`` ends them (SIGTERM, then SIGKILL), by pid."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as fh:
+            # own session: Ctrl-C in the terminal reaches only this script, which then stops the children
+            proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the group this script created for it
+                proc.wait(5)
+        self.procs = [(n, p) for n, p in self.procs if p is not proc]
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(list(self.procs)):
+            with contextlib.suppress(Exception):
+                self.stop(proc)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM (kB) from /proc/<pid>/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    return round(proc_status(pid)["VmRSS"] / 1024, 1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class CpuMeter:
+    """CPU seconds used by the client (this process) and the server processes over one phase."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.t0 = time.perf_counter()
+        self.client0 = time.process_time()
+        self.start = {k: cpu_seconds(p) for k, p in pids.items()}
+
+    def result(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.t0
+        out = {"wall_s": round(wall, 2),
+               "client_cpu_pct": round(100 * (time.process_time() - self.client0) / wall, 1)}
+        for k, p in self.pids.items():
+            out[f"{k}_cpu_pct"] = round(100 * (cpu_seconds(p) - self.start[k]) / wall, 1)
+        return out
+
+
+def clean_env() -> dict[str, str]:
+    """The inherited environment without any FHIR_OUTREACH_* (the server rejects unknown ones)."""
+    return {k: v for k, v in os.environ.items() if not k.upper().startswith("FHIR_OUTREACH_")}
+
+
+def wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening:\n{tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s:\n{tail(log)}")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before /healthz answered:\n{tail(log)}")
+        try:
+            r = httpx.get(url, timeout=2)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.2)
+    raise RuntimeError(f"/healthz not OK after {timeout:.0f}s (last: {last}):\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Server:
+    store: str
+    url: str
+    token: str
+    pid: int
+    data_dir: Path
+    store_url: str
+    extra_pids: dict[str, int] = field(default_factory=dict)
+
+
+def start_stack(kind: str, procs: Processes, work: Path, args: argparse.Namespace) -> Server:
+    env = clean_env()
+    extra: dict[str, int] = {}
+    if kind == "sqlite":
+        store_url = f"sqlite:///{work / 'store.db'}"
+    else:
+        mport = free_port()
+        nx_log = work / "nx-27017.log"
+        nx = procs.start("nx-27017", [NX, "--db", "memory", "--host", "127.0.0.1", "-p", str(mport),
+                                      "--log-file", str(work / "nx-27017.file.log"),
+                                      "--pid-file", str(work / "nx-27017.pid")], env, nx_log)
+        wait_tcp(mport, nx, nx_log)
+        extra["nx27017"] = nx.pid
+        store_url = f"mongodb://127.0.0.1:{mport}/fhir_outreach_bench"
+    port = free_port()
+    token = secrets.token_urlsafe(24)
+    env.update({
+        "FHIR_OUTREACH_STORE": store_url,
+        "FHIR_OUTREACH_DATA_DIR": str(work),
+        "FHIR_OUTREACH_API_TOKENS": token,
+        "FHIR_OUTREACH_HOST": "127.0.0.1",
+        "FHIR_OUTREACH_PORT": str(port),
+        "FHIR_OUTREACH_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+        "FHIR_OUTREACH_LOG_LEVEL": "warning",
+    })
+    if kind == "sqlite" and args.sqlite_synchronous:
+        env["FHIR_OUTREACH_SQLITE_SYNCHRONOUS"] = args.sqlite_synchronous
+    log = work / "server.log"
+    proc = procs.start("fhir-outreach", [*SERVE, "--host", "127.0.0.1", "--port", str(port)], env, log)
+    wait_healthy(f"http://127.0.0.1:{port}/healthz", proc, log)
+    return Server(kind, f"http://127.0.0.1:{port}", token, proc.pid, work, store_url, extra)
+
+
+class Profiler:
+    """Optional py-spy recording of the server during chosen phases (``--profile``)."""
+
+    def __init__(self, procs: Processes, server: Server, phases: set[str], out_dir: Path, tag: str) -> None:
+        self.procs, self.server, self.phases, self.out_dir, self.tag = procs, server, phases, out_dir, tag
+        self.files: dict[str, str] = {}
+        self.summaries: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name not in self.phases:
+            yield
+            return
+        pyspy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
+        if pyspy is None:
+            raise RuntimeError("--profile needs py-spy (/work/venv/bin/pip install py-spy)")
+        out = self.out_dir / f"profile-{self.tag}-{self.server.store}-{name}.txt"
+        proc = self.procs.start("py-spy", [pyspy, "record", "--pid", str(self.server.pid), "--rate", "200",
+                                           "--format", "raw", "--threads", "--output", str(out), "--nonblocking"],
+                                os.environ.copy(), out.with_suffix(".log"))
+        time.sleep(1.0)  # let it attach
+        try:
+            yield
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.procs.stop(proc)
+            self.procs.procs = [(n, p) for n, p in self.procs.procs if p is not proc]
+            if out.exists():
+                self.files[name] = str(out)
+                self.summaries[name] = summarise_profile(out)
+
+
+def summarise_profile(path: Path, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample percentages per function from py-spy's collapsed ('raw') output."""
+    self_counts: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = stack.split(";")
+        thread = frames[0]
+        threads[thread] = threads.get(thread, 0) + count
+        names = [_frame_name(f) for f in frames[1:]]
+        if names:
+            self_counts[names[-1]] = self_counts.get(names[-1], 0) + count
+        for name in set(names):
+            incl[name] = incl.get(name, 0) + count
+
+    def pct(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [(k, round(100 * v / total, 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"samples": total, "threads": pct(threads), "self": pct(self_counts), "inclusive": pct(incl)}
+
+
+def _frame_name(frame: str) -> str:
+    # "function (path/to/file.py:123)" -> "function (file.py)" with the package-relative path kept short
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "/src/", "/lib/python3.11/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            break
+    return f"{name} ({where})" if where else name
+
+
+# --- workload ----------------------------------------------------------------------------------------
+
+class Workload:
+    def __init__(self, total: int, seed: int) -> None:
+        rng = random.Random(seed)
+        self.run = uuid.uuid4().hex[:8]
+        self.status = [rng.choice(STATUSES) for _ in range(total)]
+        self.code = [rng.randrange(len(CODES)) for _ in range(total)]
+        start = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+        self.authored = [(start + dt.timedelta(minutes=rng.randrange(525_600))).strftime("%Y-%m-%dT%H:%M:%SZ")
+                         for _ in range(total)]
+
+    def task(self, i: int) -> dict[str, Any]:
+        system, code = CODES[self.code[i]]
+        return {
+            "resourceType": "Task",
+            "identifier": [{"system": "urn:fhir-outreach:bench", "value": f"{self.run}-{i}"}],
+            "status": self.status[i],
+            "intent": "order",
+            "priority": "routine",
+            "code": {"coding": [{"system": system, "code": code}]},
+            "description": "Call the patient about their outreach follow-up",
+            "for": {"reference": f"Patient/p{i // TASKS_PER_PATIENT}"},
+            "owner": {"reference": f"Practitioner/pr{i % 200}"},
+            "authoredOn": self.authored[i],
+        }
+
+    def expected(self, patient: int, status: str, upto: int) -> int:
+        lo = patient * TASKS_PER_PATIENT
+        return sum(1 for i in range(lo, min(lo + TASKS_PER_PATIENT, upto)) if self.status[i] == status)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    s = sorted(values)
+
+    def q(p: float) -> float:
+        return round(s[min(len(s) - 1, int(p * len(s)))] * 1000, 2)
+
+    return {"n": len(s), "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99), "max_ms": round(s[-1] * 1000, 2),
+            "mean_ms": round(statistics.fmean(s) * 1000, 2)}
+
+
+class Errors:
+    def __init__(self) -> None:
+        self.count = 0
+        self.samples: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.count += 1
+        if len(self.samples) < 5:
+            self.samples.append(text[:300])
+
+
+async def run_pool(n_workers: int, items: list[Any], fn: Any) -> None:
+    """Run ``fn(item)`` for every item with ``n_workers`` in flight (bounded: each item once)."""
+    it = iter(items)
+
+    async def worker() -> None:
+        for item in it:
+            await fn(item)
+
+    await asyncio.gather(*(worker() for _ in range(min(n_workers, max(1, len(items))))))
+
+
+class Bench:
+    def __init__(self, server: Server, args: argparse.Namespace, work: Workload, prof: Profiler) -> None:
+        self.s, self.args, self.w, self.prof = server, args, work, prof
+        self.ids: list[str | None] = [None] * (args.tasks + args.batch_tasks)
+        self.errors = Errors()
+        self.rng = random.Random(args.seed + 1)
+        self.pids = {"server": server.pid, **server.extra_pids}
+
+    def client(self, connections: int) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.s.url, timeout=httpx.Timeout(120.0),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            headers={"Authorization": f"Bearer {self.s.token}", "Accept": FHIR_JSON})
+
+    def memory(self) -> dict[str, float]:
+        out = {"server_rss_mb": rss_mb(self.s.pid)}
+        for name, pid in self.s.extra_pids.items():
+            out[f"{name}_rss_mb"] = rss_mb(pid)
+        return out
+
+    async def creates(self, client: httpx.AsyncClient, lo: int, hi: int) -> dict[str, Any]:
+        lat: list[float] = []
+
+        async def one(i: int) -> None:
+            body = orjson.dumps(self.w.task(i))
+            t = time.perf_counter()
+            try:
+                r = await client.post("/fhir/Task", content=body, headers={"Content-Type": FHIR_JSON})
+            except httpx.HTTPError as exc:
+                self.errors.add(f"create {i}: {exc!r}")
+                return
+            lat.append(time.perf_counter() - t)
+            if r.status_code != 201:
+                self.errors.add(f"create {i}: {r.status_code} {r.text}")
+                return
+            self.ids[i] = r.headers["location"].split("/_history/")[0].rsplit("/", 1)[1]
+
+        cpu = CpuMeter(self.pids)
+        t0 = time.perf_counter()
+        await run_pool(self.args.concurrency, list(range(lo, hi)), one)
+        wall = time.perf_counter() - t0
+        return {"from": lo, "to": hi, "seconds": round(wall, 2), "creates_per_s": round((hi - lo) / wall, 1),
+                "latency": percentiles(lat), "cpu": cpu.result()}
+
+    async def batches(self, client: httpx.AsyncClient, lo: int, hi: int) -> dict[str, Any]:
+        size = self.args.batch_size
+        chunks = [(a, min(a + size, hi)) for a in range(lo, hi, size)]
+        lat: list[float] = []
+        created = 0
+
+        async def one(chunk: tuple[int, int]) -> None:
+            nonlocal created
+            a, b = chunk
+            bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+                {"request": {"method": "POST", "url": "Task"}, "resource": self.w.task(i)} for i in range(a, b)]}
+            t = time.perf_counter()
+            try:
+                r = await client.post("/fhir", content=orjson.dumps(bundle), headers={"Content-Type": FHIR_JSON})
+            except httpx.HTTPError as exc:
+                self.errors.add(f"batch {a}: {exc!r}")
+                return
+            lat.append(time.perf_counter() - t)
+            if r.status_code != 200:
+                self.errors.add(f"batch {a}: {r.status_code} {r.text}")
+                return
+            for i, entry in zip(range(a, b), orjson.loads(r.content).get("entry", []), strict=False):
+                resp = entry.get("response", {})
+                if str(resp.get("status", "")).startswith("201"):
+                    created += 1
+                    self.ids[i] = resp["location"].split("/_history/")[0].rsplit("/", 1)[1]
+                else:
+                    self.errors.add(f"batch entry {i}: {resp}")
+
+        cpu = CpuMeter(self.pids)
+        t0 = time.perf_counter()
+        await run_pool(self.args.batch_concurrency, chunks, one)
+        wall = time.perf_counter() - t0
+        return {"from": lo, "to": hi, "bundles": len(chunks), "bundle_size": size,
+                "bundle_concurrency": self.args.batch_concurrency, "created": created, "seconds": round(wall, 2),
+                "creates_per_s": round(created / wall, 1), "bundle_latency": percentiles(lat), "cpu": cpu.result()}
+
+    async def reads(self, client: httpx.AsyncClient, upto: int) -> dict[str, Any]:
+        pool = [x for x in self.ids[:upto] if x is not None]
+        sample = [self.rng.choice(pool) for _ in range(self.args.reads)]
+        lat: list[float] = []
+
+        async def one(rid: str) -> None:
+            t = time.perf_counter()
+            try:
+                r = await client.get(f"/fhir/Task/{rid}")
+            except httpx.HTTPError as exc:
+                self.errors.add(f"read {rid}: {exc!r}")
+                return
+            lat.append(time.perf_counter() - t)
+            if r.status_code != 200:
+                self.errors.add(f"read {rid}: {r.status_code} {r.text}")
+
+        cpu = CpuMeter(self.pids)
+        t0 = time.perf_counter()
+        await run_pool(self.args.concurrency, sample, one)
+        wall = time.perf_counter() - t0
+        return {"reads": len(sample), "seconds": round(wall, 2), "reads_per_s": round(len(sample) / wall, 1),
+                "latency": percentiles(lat), "cpu": cpu.result()}
+
+    async def searches(self, upto: int, n: int) -> dict[str, Any]:
+        """Sequential patient+status searches (one connection, one request at a time)."""
+        patients = upto // TASKS_PER_PATIENT  # fully populated patients only
+        lat: list[float] = []
+        totals: list[int] = []
+        checked = mismatches = 0
+        async with self.client(1) as client:
+            await client.get("/fhir/Task", params={"patient": "Patient/p0", "status": "requested"})  # warm
+            cpu = CpuMeter(self.pids)
+            for k in range(n):
+                p = self.rng.randrange(patients)
+                t = time.perf_counter()
+                r = await client.get("/fhir/Task", params={"patient": f"Patient/p{p}", "status": "requested"})
+                lat.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    self.errors.add(f"search p{p}: {r.status_code} {r.text}")
+                    continue
+                total = orjson.loads(r.content).get("total", -1)
+                totals.append(total)
+                if k < 50:  # correctness spot check against the generated data
+                    checked += 1
+                    mismatches += total != self.w.expected(p, "requested", upto)
+        return {"store_tasks": upto, "patients": patients, **percentiles(lat),
+                "mean_matches": round(statistics.fmean(totals), 1) if totals else 0,
+                "spot_checked": checked, "spot_mismatches": mismatches, "cpu": cpu.result()}
+
+    async def run(self) -> dict[str, Any]:
+        n, args = self.args.tasks, self.args
+        res: dict[str, Any] = {"memory": {"start": self.memory()}, "create_segments": [], "search": {}}
+        done = 0
+        create_seconds = 0.0
+        async with self.client(args.concurrency) as client:
+            with self.prof.phase("creates"):
+                for frac in CHECKPOINTS:
+                    target = int(round(n * frac))
+                    if target <= done:
+                        continue
+                    seg = await self.creates(client, done, target)
+                    res["create_segments"].append(seg)
+                    create_seconds += seg["seconds"]
+                    done = target
+                    label = f"{int(frac * 100)}%"
+                    res["memory"][label] = self.memory()
+                    with self.prof.phase("search"):
+                        res["search"][label] = await self.searches(done, args.searches)
+                    log(f"  [{self.s.store}] {done:>7} tasks: {seg['creates_per_s']:.0f} creates/s in segment, "
+                        f"search p95 {res['search'][label].get('p95_ms')} ms, "
+                        f"server RSS {res['memory'][label]['server_rss_mb']} MB, errors {self.errors.count}")
+            res["creates"] = {"tasks": n, "seconds": round(create_seconds, 2),
+                              "creates_per_s": round(n / create_seconds, 1), "concurrency": args.concurrency}
+            with self.prof.phase("reads"):
+                res["reads"] = await self.reads(client, n)
+            log(f"  [{self.s.store}] reads: {res['reads']['reads_per_s']:.0f}/s")
+            if args.batch_tasks:
+                with self.prof.phase("batch"):
+                    res["batch"] = await self.batches(client, n, n + args.batch_tasks)
+                res["memory"]["after_batch"] = self.memory()
+                log(f"  [{self.s.store}] batch: {res['batch']['creates_per_s']:.0f} creates/s "
+                    f"({args.batch_tasks} Tasks in Bundles of {args.batch_size})")
+        st = proc_status(self.s.pid)
+        res["memory"]["server_peak_vmhwm_mb"] = round(st["VmHWM"] / 1024, 1)
+        for name, pid in self.s.extra_pids.items():
+            res["memory"][f"{name}_peak_vmhwm_mb"] = round(proc_status(pid)["VmHWM"] / 1024, 1)
+        rss = [res["memory"][k]["server_rss_mb"] for k in ("10%", "100%") if k in res["memory"]]
+        if len(rss) == 2:
+            res["memory"]["growth_10_to_100_mb"] = round(rss[1] - rss[0], 1)
+            res["memory"]["growth_10_to_100_pct"] = round(100 * (rss[1] - rss[0]) / rss[0], 1)
+        res["errors"] = {"count": self.errors.count, "samples": self.errors.samples}
+        return res
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- SQLite query plan ---------------------------------------------------------------------------------
+
+def sqlite_plan(db: Path, base_url: str) -> dict[str, Any]:
+    """EXPLAIN QUERY PLAN of the SQL the SQLite store runs for the patient+status search.
+
+    The SQL is built with the store's own (private) helpers so it is exactly what the server executes; if
+    they change shape, the plan is reported as unavailable rather than guessed."""
+    try:
+        from fhir_outreach.fhir.search import parse_query
+        from fhir_outreach.store import sqlite as st
+
+        q = parse_query("Task", [("patient", "Patient/p1"), ("status", "requested")], strict=True,
+                        base_url=base_url, default_count=50, max_count=1000)
+        where, args = st._where(q)
+        order, order_args = st._order(q)
+        sqls = {"count": (f"SELECT COUNT(*) FROM resources r WHERE {where}", args),
+                "page": (f"SELECT r.id, r.version, r.last_updated, r.body FROM resources r WHERE {where} "
+                         f"ORDER BY {order} LIMIT ? OFFSET ?", [*args, *order_args, 50, 0])}
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        return {"error": f"could not build the store's SQL: {exc!r}"}
+    out: dict[str, Any] = {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        for name, (sql, a) in sqls.items():
+            rows = conn.execute("EXPLAIN QUERY PLAN " + sql, a).fetchall()
+            out[name] = {"sql": sql, "args": a, "plan": [r[3] for r in rows]}
+        out["table_rows"] = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                             for t in ("resources", "history", "idx")}
+        out["db_size_mb"] = round(sum(p.stat().st_size for p in db.parent.glob(db.name + "*")) / 2**20, 1)
+    finally:
+        conn.close()
+    return out
+
+
+# --- driver --------------------------------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = ""
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        if subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True,
+                          text=True, timeout=10).stdout.strip():
+            commit += "+dirty"
+    mem = ""
+    with contextlib.suppress(OSError):
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    return {"cores": os.cpu_count(), "cpu": model, "memory": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "git": commit,
+            "note": "client, server (and nx-27017) share these cores; see the cpu figures of each phase"}
+
+
+def bench_store(kind: str, args: argparse.Namespace, procs: Processes, out_dir: Path, tag: str) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix=f"fhir-outreach-bench-{kind}-"))
+    log(f"[{kind}] data dir {work}")
+    result: dict[str, Any] = {"store": kind, "data_dir": str(work)}
+    server = None
+    try:
+        server = start_stack(kind, procs, work, args)
+        result["store_url"] = server.store_url
+        log(f"[{kind}] server pid {server.pid} on {server.url} ({server.store_url})")
+        prof = Profiler(procs, server, set(args.profile or []), out_dir, tag)
+        workload = Workload(args.tasks + args.batch_tasks, args.seed)
+        result.update(asyncio.run(Bench(server, args, workload, prof).run()))
+        if prof.files:
+            result["profiles"] = {"files": prof.files, "summaries": prof.summaries}
+    except Exception as exc:
+        result["failed"] = f"{type(exc).__name__}: {exc}"
+        log(f"[{kind}] FAILED: {result['failed']}")
+    finally:
+        procs.stop_all()
+    if kind == "sqlite" and server is not None and (work / "store.db").exists():
+        result["query_plan"] = sqlite_plan(work / "store.db", f"{server.url}/fhir")
+    if args.keep_data:
+        log(f"[{kind}] kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        result["data_dir"] += " (removed)"
+    return result
+
+
+def verdicts(r: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "creates" in r:
+        out["creates_per_s >= 1500"] = r["creates"]["creates_per_s"] >= TARGETS["creates_per_s"]
+    full = r.get("search", {}).get("100%")
+    if full:
+        out["search_p95_ms <= 20 at full N"] = full["p95_ms"] <= TARGETS["search_p95_ms"]
+    if "growth_10_to_100_pct" in r.get("memory", {}):
+        out["server RSS growth 10%->100% <= 15%"] = r["memory"]["growth_10_to_100_pct"] <= TARGETS["rss_growth_pct"]
+    return out
+
+
+def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    rows: list[tuple[str, ...]] = []
+    stores = [r["store"] for r in results]
+    rows.append(("", *stores))
+
+    def get(r: dict[str, Any], *path: Any, fmt: str = "{}") -> str:
+        cur: Any = r
+        for p in path:
+            if not isinstance(cur, dict) or p not in cur:
+                return "-"
+            cur = cur[p]
+        return fmt.format(cur)
+
+    def add(label: str, *path: Any, fmt: str = "{}") -> None:
+        rows.append((label, *(get(r, *path, fmt=fmt) for r in results)))
+
+    add(f"creates/s, single POST (c={args.concurrency})", "creates", "creates_per_s", fmt="{:.0f}")
+    for i, frac in enumerate(CHECKPOINTS):
+        add(f"  segment up to {int(frac * 100)}% of N", "create_segments", i, "creates_per_s", fmt="{:.0f}")
+    add("  create latency p50/p99 ms (last segment)", "create_segments", -1, "latency",
+        fmt="{0[p50_ms]}/{0[p99_ms]}")
+    rows[-1] = (rows[-1][0], *(get(r, "create_segments", len(r.get("create_segments", [])) - 1, "latency",
+                                   fmt="{0[p50_ms]}/{0[p99_ms]}") for r in results))
+    add("  CPU% client / server (last segment)", "create_segments", 0, "cpu", fmt="")
+    rows[-1] = (rows[-1][0], *(
+        "{}/{}".format(*(r["create_segments"][-1]["cpu"].get(k, "-") for k in ("client_cpu_pct", "server_cpu_pct")))
+        + (f" nx {r['create_segments'][-1]['cpu'].get('nx27017_cpu_pct')}" if "nx27017_cpu_pct" in
+           r["create_segments"][-1]["cpu"] else "")
+        if r.get("create_segments") else "-" for r in results))
+    add(f"creates/s, batch Bundles of {args.batch_size} (c={args.batch_concurrency})", "batch", "creates_per_s",
+        fmt="{:.0f}")
+    add(f"reads/s GET Task/id (c={args.concurrency})", "reads", "reads_per_s", fmt="{:.0f}")
+    for frac in CHECKPOINTS:
+        label = f"{int(frac * 100)}%"
+        add(f"search p50/p95/p99 ms @{label} of N", "search", label, fmt="{0[p50_ms]}/{0[p95_ms]}/{0[p99_ms]}")
+    add("  mean matches per search", "search", "100%", "mean_matches")
+    add("server RSS MB start", "memory", "start", "server_rss_mb")
+    for frac in CHECKPOINTS:
+        label = f"{int(frac * 100)}%"
+        add(f"server RSS MB @{label}", "memory", label, "server_rss_mb")
+    add("server RSS growth 10%->100%", "memory", "growth_10_to_100_pct", fmt="{}%")
+    add("server peak RSS (VmHWM) MB", "memory", "server_peak_vmhwm_mb")
+    add("nx-27017 peak RSS MB (in-memory db)", "memory", "nx27017_peak_vmhwm_mb")
+    add("errors", "errors", "count")
+    for r in results:
+        if "failed" in r:
+            rows.append((f"FAILED {r['store']}", r["failed"][:200]))
+    width = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(width[i]) for i, c in enumerate(row)) for row in rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--store", choices=("sqlite", "mongo", "both"), default="sqlite")
+    p.add_argument("--tasks", type=int, default=100_000, help="N: Tasks created with single POSTs")
+    p.add_argument("--quick", action="store_true", help="smoke run: N=5000, fewer reads and searches")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight for creates and reads")
+    p.add_argument("--batch-fraction", type=float, default=0.1, help="extra Tasks created in batch Bundles, x N")
+    p.add_argument("--batch-size", type=int, default=100, help="creates per batch Bundle")
+    p.add_argument("--batch-concurrency", type=int, default=4, help="batch Bundles in flight")
+    p.add_argument("--reads", type=int, default=5000, help="GET Task/{id} requests")
+    p.add_argument("--searches", type=int, default=2000, help="sequential searches at each checkpoint")
+    p.add_argument("--sqlite-synchronous", choices=("FULL", "NORMAL"),
+                   help="set FHIR_OUTREACH_SQLITE_SYNCHRONOUS (default: the server's default, FULL)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--profile", nargs="*", choices=("creates", "search", "reads", "batch"),
+                   help="record the server with py-spy during these phases (perturbs the figures)")
+    p.add_argument("--keep-data", action="store_true", help="keep the temporary data dirs")
+    p.add_argument("--out", type=Path, help="results JSON (default bench/results/api-<store>-<time>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tasks = 5000
+        args.reads = min(args.reads, 2000)
+        args.searches = min(args.searches, 500)
+    if args.tasks < 10 * TASKS_PER_PATIENT:
+        p.error(f"--tasks must be at least {10 * TASKS_PER_PATIENT} (10% of N must fill a patient)")
+    if not 1 <= args.concurrency <= 512 or not 1 <= args.batch_concurrency <= 64:
+        p.error("--concurrency must be 1..512 and --batch-concurrency 1..64")
+    args.batch_tasks = int(args.tasks * args.batch_fraction)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stores = ["sqlite", "mongo"] if args.store == "both" else [args.store]
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or HERE / "results" / f"api-{args.store}-{'quick-' if args.quick else ''}{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    procs = Processes()
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    report: dict[str, Any] = {
+        "benchmark": "fhir-outreach API (bench/bench_api.py)", "date": dt.datetime.now(dt.UTC).isoformat(),
+        "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "targets_sqlite": TARGETS, "results": []}
+    try:
+        for kind in stores:
+            result = bench_store(kind, args, procs, out.parent, stamp)
+            result["targets_met"] = verdicts(result) if kind == "sqlite" else {}
+            report["results"].append(result)
+            out.write_text(json.dumps(report, indent=2))
+    except KeyboardInterrupt:
+        log("interrupted: stopping every process this script started")
+        return 130
+    finally:
+        procs.stop_all()
+    print(f"fhir-outreach API benchmark, {report['date'][:19]}Z, {report['machine']['cores']} cores "
+          f"({report['machine']['cpu']}), N={args.tasks}, git {report['machine']['git']}")
+    print("client, server and nx-27017 share the cores (client CPU% is shown per phase)")
+    print(table(report["results"], args))
+    for r in report["results"]:
+        if r.get("targets_met"):
+            print(f"{r['store']} targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}"
+                                                      for k, v in r["targets_met"].items()))
+        plan = r.get("query_plan", {})
+        if "count" in plan:
+            print(f"{r['store']} query plan (patient+status page): " + " | ".join(plan["page"]["plan"]))
+    print(f"results: {out}")
+    return 1 if any("failed" in r or r.get("errors", {}).get("count") for r in report["results"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
