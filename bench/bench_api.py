@@ -657,54 +657,53 @@ def verdicts(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    rows: list[tuple[str, ...]] = []
-    stores = [r["store"] for r in results]
-    rows.append(("", *stores))
+    rows: list[tuple[str, ...]] = [("", *(r["store"] for r in results))]
 
-    def get(r: dict[str, Any], *path: Any, fmt: str = "{}") -> str:
-        cur: Any = r
-        for p in path:
-            if not isinstance(cur, dict) or p not in cur:
-                return "-"
-            cur = cur[p]
-        return fmt.format(cur)
+    def add(label: str, fn: Any) -> None:
+        cells = []
+        for r in results:
+            try:
+                cells.append(str(fn(r)))
+            except (KeyError, IndexError, TypeError, ValueError):
+                cells.append("-")
+        rows.append((label, *cells))
 
-    def add(label: str, *path: Any, fmt: str = "{}") -> None:
-        rows.append((label, *(get(r, *path, fmt=fmt) for r in results)))
+    def cpu(c: dict[str, Any]) -> str:
+        text = f"{c['client_cpu_pct']} / {c['server_cpu_pct']}"
+        return text + (f" / nx {c['nx27017_cpu_pct']}" if "nx27017_cpu_pct" in c else "")
 
-    add(f"creates/s, single POST (c={args.concurrency})", "creates", "creates_per_s", fmt="{:.0f}")
+    def lat(d: dict[str, Any]) -> str:
+        return f"{d['p50_ms']} / {d['p95_ms']} / {d['p99_ms']}"
+
+    add(f"creates/s, single POST (c={args.concurrency})", lambda r: f"{r['creates']['creates_per_s']:.0f}")
     for i, frac in enumerate(CHECKPOINTS):
-        add(f"  segment up to {int(frac * 100)}% of N", "create_segments", i, "creates_per_s", fmt="{:.0f}")
-    add("  create latency p50/p99 ms (last segment)", "create_segments", -1, "latency",
-        fmt="{0[p50_ms]}/{0[p99_ms]}")
-    rows[-1] = (rows[-1][0], *(get(r, "create_segments", len(r.get("create_segments", [])) - 1, "latency",
-                                   fmt="{0[p50_ms]}/{0[p99_ms]}") for r in results))
-    add("  CPU% client / server (last segment)", "create_segments", 0, "cpu", fmt="")
-    rows[-1] = (rows[-1][0], *(
-        "{}/{}".format(*(r["create_segments"][-1]["cpu"].get(k, "-") for k in ("client_cpu_pct", "server_cpu_pct")))
-        + (f" nx {r['create_segments'][-1]['cpu'].get('nx27017_cpu_pct')}" if "nx27017_cpu_pct" in
-           r["create_segments"][-1]["cpu"] else "")
-        if r.get("create_segments") else "-" for r in results))
-    add(f"creates/s, batch Bundles of {args.batch_size} (c={args.batch_concurrency})", "batch", "creates_per_s",
-        fmt="{:.0f}")
-    add(f"reads/s GET Task/id (c={args.concurrency})", "reads", "reads_per_s", fmt="{:.0f}")
+        add(f"  segment up to {int(frac * 100)}% of N",
+            lambda r, i=i: f"{r['create_segments'][i]['creates_per_s']:.0f}")
+    add("  create latency p50/p95/p99 ms (last seg.)", lambda r: lat(r["create_segments"][-1]["latency"]))
+    add("  CPU% client / server (last segment)", lambda r: cpu(r["create_segments"][-1]["cpu"]))
+    add(f"creates/s, batch Bundles of {args.batch_size} (c={args.batch_concurrency})",
+        lambda r: f"{r['batch']['creates_per_s']:.0f}")
+    add("  CPU% client / server (batch)", lambda r: cpu(r["batch"]["cpu"]))
+    add(f"reads/s, GET Task/id (c={args.concurrency})", lambda r: f"{r['reads']['reads_per_s']:.0f}")
+    add("  CPU% client / server (reads)", lambda r: cpu(r["reads"]["cpu"]))
     for frac in CHECKPOINTS:
         label = f"{int(frac * 100)}%"
-        add(f"search p50/p95/p99 ms @{label} of N", "search", label, fmt="{0[p50_ms]}/{0[p95_ms]}/{0[p99_ms]}")
-    add("  mean matches per search", "search", "100%", "mean_matches")
-    add("server RSS MB start", "memory", "start", "server_rss_mb")
+        add(f"search p50/p95/p99 ms @{label} of N", lambda r, label=label: lat(r["search"][label]))
+    add("  mean matches per search @100%", lambda r: r["search"]["100%"]["mean_matches"])
+    add("server RSS MB at start", lambda r: r["memory"]["start"]["server_rss_mb"])
     for frac in CHECKPOINTS:
         label = f"{int(frac * 100)}%"
-        add(f"server RSS MB @{label}", "memory", label, "server_rss_mb")
-    add("server RSS growth 10%->100%", "memory", "growth_10_to_100_pct", fmt="{}%")
-    add("server peak RSS (VmHWM) MB", "memory", "server_peak_vmhwm_mb")
-    add("nx-27017 peak RSS MB (in-memory db)", "memory", "nx27017_peak_vmhwm_mb")
-    add("errors", "errors", "count")
+        add(f"server RSS MB @{label} of N", lambda r, label=label: r["memory"][label]["server_rss_mb"])
+    add("server RSS growth 10% -> 100%", lambda r: f"{r['memory']['growth_10_to_100_pct']}%")
+    add("server peak RSS (VmHWM) MB", lambda r: r["memory"]["server_peak_vmhwm_mb"])
+    add("nx-27017 peak RSS MB (in-memory db)", lambda r: r["memory"]["nx27017_peak_vmhwm_mb"])
+    add("errors", lambda r: r["errors"]["count"])
     for r in results:
         if "failed" in r:
-            rows.append((f"FAILED {r['store']}", r["failed"][:200]))
+            rows.append((f"FAILED {r['store']}", r["failed"][:300].replace("\n", " ")))
     width = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(width[i]) for i, c in enumerate(row)) for row in rows)
+    return "\n".join("  ".join(c.ljust(width[i]) if i < len(width) else c for i, c in enumerate(row)).rstrip()
+                     for row in rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,7 +17,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import httpx
 import jwt
@@ -83,7 +83,7 @@ class Authenticator:
         self.enabled = settings.auth == "on"
         self.tokens: list[str] = list(settings.api_tokens)
         self._http = http
-        self._jwks: dict[str, Any] | None = None
+        self._jwks: jwt.PyJWKSet | None = None
         self._jwks_at = 0.0
 
     def prepare(self) -> None:
@@ -119,20 +119,26 @@ class Authenticator:
             return await self._verify_jwt(token)
         raise Unauthorized("invalid bearer token")
 
-    async def _keys(self, refresh: bool = False) -> dict[str, Any]:
+    async def _keys(self, refresh: bool = False) -> jwt.PyJWKSet:
         if self._jwks is None or refresh or time.monotonic() - self._jwks_at > 300:
             assert self.settings.jwt_jwks_url
             client = self._http or httpx.AsyncClient(timeout=10)
             try:
                 resp = await client.get(self.settings.jwt_jwks_url)
                 resp.raise_for_status()
-                self._jwks = resp.json()
-                self._jwks_at = time.monotonic()
+                document = resp.json()
             except (httpx.HTTPError, ValueError) as exc:
                 raise Unauthorized(f"cannot fetch the issuer's JWKS to verify the token: {exc}") from exc
             finally:
                 if self._http is None:
                     await client.aclose()
+            try:
+                if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+                    raise jwt.PyJWKSetError('not a JWK Set (a JSON object with a "keys" array)')
+                self._jwks = jwt.PyJWKSet.from_dict(document)
+            except jwt.PyJWTError as exc:
+                raise Unauthorized(f"the issuer's JWKS has no usable keys: {exc}") from exc
+            self._jwks_at = time.monotonic()
         return self._jwks
 
     async def _verify_jwt(self, token: str) -> Principal:
@@ -143,7 +149,7 @@ class Authenticator:
         kid = header.get("kid")
         key = None
         for refresh in (False, True):
-            keyset = jwt.PyJWKSet.from_dict(await self._keys(refresh))
+            keyset = await self._keys(refresh)
             key = next((k for k in keyset.keys if kid is None or k.key_id == kid), None)
             if key is not None:
                 break

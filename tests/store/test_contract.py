@@ -16,7 +16,7 @@ from tests.conftest import BASE, task
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def q(type_: str, *pairs: tuple[str, str]):  # noqa: ANN201
+def q(type_: str, *pairs: tuple[str, str]):
     return parse_query(type_, list(pairs), base_url=BASE)
 
 

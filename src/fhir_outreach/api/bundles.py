@@ -17,7 +17,7 @@ from ..auth import Access, Principal
 from ..errors import FhirError, InvalidRequest, MethodNotAllowed
 from ..fhir.validation import validate_resource
 from ..store.base import Write, format_instant
-from .interactions import Interactions, Result, check_type, strip_base
+from .interactions import Interactions, Result, check_type, new_id, strip_base
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
 _STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 304: "304 Not Modified"}
@@ -124,7 +124,7 @@ class BundleProcessor:
                 if req.get("ifNoneExist"):
                     q = self.ix.condition(type_[0], req["ifNoneExist"], f"Bundle.entry[{i}].request.ifNoneExist")
                     existing = await self.ix.ensure_unique_condition(type_[0], q)
-                entry["_assigned_id"] = existing.id if existing else self.ix_new_id()
+                entry["_assigned_id"] = existing.id if existing else new_id()
                 if isinstance(full, str) and full:
                     ids[full] = f"{type_[0]}/{entry['_assigned_id']}"
             elif method == "PUT" and isinstance(full, str) and full.startswith("urn:"):
@@ -137,9 +137,8 @@ class BundleProcessor:
             try:
                 write = await self._plan(i, entry, method, url, req)
             except FhirError as exc:
-                exc.diagnostics = f"Bundle.entry[{i}]: {exc.diagnostics}" if not exc.diagnostics.startswith(
-                    "Bundle.entry") else exc.diagnostics
-                exc.args = (exc.diagnostics,)
+                if not exc.diagnostics.startswith("Bundle.entry"):
+                    exc.diagnostics = f"Bundle.entry[{i}]: {exc.diagnostics}"
                 raise
             if write is None:
                 gets.append((i, url))
@@ -154,12 +153,6 @@ class BundleProcessor:
             out[i] = await self._get_entry(url)
         return {"resourceType": "Bundle", "type": "transaction-response",
                 "entry": [out[i] for i in range(len(entries))]}
-
-    @staticmethod
-    def ix_new_id() -> str:
-        from .interactions import new_id
-
-        return new_id()
 
     @staticmethod
     def _check_duplicates(writes: list[tuple[int, Write]]) -> None:

@@ -17,8 +17,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from ..errors import BusinessRule, Gone, InvalidRequest, InvalidResource, NotFound, PreconditionFailed
+from ..fhir.paths import compile_path, date_range, entries_for
 from ..fhir.search import Query, parse_query
-from ..fhir.searchparams import RESOURCE_TYPES
+from ..fhir.searchparams import RESOURCE_TYPES, params_for
 from ..fhir.validation import validate_resource
 from ..store.base import MUST_NOT_EXIST, CommitResult, Store, StoredResource, Write, format_instant
 
@@ -220,9 +221,6 @@ class Interactions:
     async def _includes(self, query: Query, matches: list[StoredResource]) -> list[StoredResource]:
         if not matches or not (query.include or query.revinclude):
             return []
-        from ..fhir.paths import compile_path, entries_for
-        from ..fhir.searchparams import params_for
-
         seen = {(m.type, m.id) for m in matches}
         refs: list[tuple[str, str]] = []
         for inc in query.include:
@@ -268,8 +266,6 @@ class Interactions:
         q = self.query(type_, [(k, v) for k, v in pairs if k in ("_count", "_offset")])
         since: datetime | None = None
         if "_since" in params:
-            from ..fhir.paths import date_range
-
             try:
                 since = datetime.fromtimestamp(date_range(params["_since"])[0], UTC)
             except ValueError as exc:

@@ -101,8 +101,8 @@ def _check_required(model: BaseModel, path: str, problems: list[dict[str, Any]])
             problems.append(_issue(here, "element is required (minimum cardinality 1)"))
             continue
         enum = _COMPLETE_ENUMS.get((rtype, alias)) or extra.get("enum_values")
-        if enum and "+" not in enum and isinstance(value, str) and value not in enum:
-            problems.append(_issue(here, f"{value!r} is not in the required value set ({' | '.join(enum)})"))
+        if isinstance(enum, list | tuple) and "+" not in enum and isinstance(value, str) and value not in enum:
+            problems.append(_issue(here, f"{value!r} is not in the required value set ({' | '.join(map(str, enum))})"))
         if isinstance(value, BaseModel):
             _check_required(value, here, problems)
         elif isinstance(value, list):

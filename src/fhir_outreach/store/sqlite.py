@@ -28,6 +28,7 @@ from .base import (
     MUST_NOT_EXIST,
     CommitResult,
     HistoryPage,
+    Method,
     SearchPage,
     StoredResource,
     Write,
@@ -276,7 +277,7 @@ class SqliteStore:
         version = current + 1
         body = stamp(w.resource, w.id, version, now)
         blob = orjson.dumps(body)
-        method = "update" if live else "create"
+        method: Method = "update" if live else "create"
         conn.execute("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, 0, ?)",
                      (w.type, w.id, version, ts, blob))
         conn.execute("INSERT INTO history VALUES (?, ?, ?, ?, ?, ?)", (w.type, w.id, version, ts, method, blob))
@@ -310,7 +311,8 @@ class SqliteStore:
 
     async def history(self, type_: str, id_: str | None, *, since: datetime | None, offset: int,
                       count: int) -> HistoryPage:
-        where, args = ["type = ?"], [type_]
+        where: list[str] = ["type = ?"]
+        args: list[Any] = [type_]
         if id_ is not None:
             where.append("id = ?")
             args.append(id_)

@@ -9,6 +9,7 @@ so a worker can already be deployed, started, supervised and stopped cleanly bes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -50,10 +51,8 @@ class Worker:
                 handled = 0
             if handled:
                 continue
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=self.poll_seconds)
-            except TimeoutError:
-                pass
         log.info("worker stopped after %d polls", self.polls)
 
 
