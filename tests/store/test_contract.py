@@ -250,3 +250,80 @@ async def test_update_reindexes(store: Store) -> None:
     assert await ids(store, "Task", ("patient", "p1")) == []
     assert await ids(store, "Task", ("status", "requested")) == []
     assert await ids(store, "Task", ("patient", "p2"), ("status", "completed")) == ["a"]
+
+
+# --- records -------------------------------------------------------------------------------------
+
+async def test_records_add_is_idempotent_and_get_roundtrips(store: Store) -> None:
+    from fhir_outreach.store.base import Record
+
+    rec = Record("inbox", "k1", data={"body": "x", "n": [1, 2]}, group="hapi", due=5.0)
+    assert await store.add_record(rec, now=100.0)
+    assert rec.rev == 1 and rec.created == 100.0
+    assert not await store.add_record(Record("inbox", "k1", data={"other": True}), now=101.0)
+    got = await store.get_record("inbox", "k1")
+    assert got is not None
+    assert (got.data, got.group, got.state, got.due, got.rev, got.created) == (
+        {"body": "x", "n": [1, 2]}, "hapi", "pending", 5.0, 1, 100.0)
+    assert await store.get_record("inbox", "nope") is None
+    assert await store.get_record("event", "k1") is None  # kinds are separate namespaces
+
+
+async def test_records_save_is_compare_and_set(store: Store) -> None:
+    from fhir_outreach.store.base import Record
+
+    await store.add_record(Record("event", "e1"), now=1.0)
+    a = await store.get_record("event", "e1")
+    b = await store.get_record("event", "e1")
+    assert a is not None and b is not None
+    a.state, a.data = "done", {"by": "a"}
+    assert await store.save_record(a, now=2.0)
+    assert a.rev == 2
+    b.state = "failed"
+    assert not await store.save_record(b, now=3.0)  # lost the race
+    cur = await store.get_record("event", "e1")
+    assert cur is not None and (cur.state, cur.data, cur.rev, cur.updated) == ("done", {"by": "a"}, 2, 2.0)
+
+
+async def test_records_claim_leases_due_items_once(store: Store) -> None:
+    from fhir_outreach.store.base import Record
+
+    for i, due in enumerate([10.0, 5.0, 50.0, 1.0]):
+        await store.add_record(Record("timer", f"t{i}", due=due), now=0.0)
+    done = Record("timer", "t-done", state="done", due=0.0)
+    await store.add_record(done, now=0.0)
+    first = await store.claim_records("timer", owner="w1", now=20.0, lease_seconds=30, limit=2)
+    assert [r.key for r in first] == ["t3", "t1"]  # oldest due first
+    assert all(r.lease_owner == "w1" and r.lease_until == 50.0 for r in first)
+    second = await store.claim_records("timer", owner="w2", now=20.0, lease_seconds=30, limit=10)
+    assert [r.key for r in second] == ["t0"]  # t2 not due, t3/t1 leased, t-done not pending
+    # an expired lease can be claimed by anyone; the record's rev moved on so w1's stale save fails
+    third = await store.claim_records("timer", owner="w3", now=60.0, lease_seconds=30, limit=10)
+    assert sorted(r.key for r in third) == ["t0", "t1", "t2", "t3"]
+    stale = first[0]
+    stale.state = "done"
+    assert not await store.save_record(stale)
+
+
+async def test_records_concurrent_claims_never_overlap(store: Store) -> None:
+    from fhir_outreach.store.base import Record
+
+    for i in range(30):
+        await store.add_record(Record("outbox", f"o{i:02d}"), now=0.0)
+    batches = await asyncio.gather(*(store.claim_records("outbox", owner=f"w{i}", now=1.0, lease_seconds=60,
+                                                          limit=7) for i in range(6)))
+    keys = [r.key for batch in batches for r in batch]
+    assert len(keys) == 30 and len(set(keys)) == 30
+
+
+async def test_records_list_and_count(store: Store) -> None:
+    from fhir_outreach.store.base import Record
+
+    await store.add_record(Record("inbox", "a", group="hapi"), now=1.0)
+    await store.add_record(Record("inbox", "b", group="hapi", state="rejected"), now=2.0)
+    await store.add_record(Record("inbox", "c", group="medplum"), now=3.0)
+    assert [r.key for r in await store.list_records("inbox")] == ["c", "b", "a"]
+    assert [r.key for r in await store.list_records("inbox", state="pending")] == ["c", "a"]
+    assert [r.key for r in await store.list_records("inbox", group="hapi", limit=1, offset=1)] == ["a"]
+    assert await store.count_records("inbox") == {("hapi", "pending"): 1, ("hapi", "rejected"): 1,
+                                                  ("medplum", "pending"): 1}

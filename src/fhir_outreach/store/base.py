@@ -74,6 +74,30 @@ class SearchPage:
     total: int
 
 
+@dataclass(slots=True)
+class Record:
+    """A durable work or bookkeeping item (inbox delivery, normalised event, checkpoint, timer, outbox...).
+
+    ``kind`` + ``key`` is unique: keys are deterministic, so adding a duplicate is a no-op. ``state``,
+    ``due`` and the lease (``lease_owner``, ``lease_until``) drive claiming; ``rev`` makes every save a
+    compare-and-set. ``group`` is a label for operator counts (e.g. the source server). Times are epoch
+    seconds (floats) on every backend.
+    """
+
+    kind: str
+    key: str
+    state: str = "pending"
+    data: dict[str, Any] = field(default_factory=dict)
+    group: str = ""
+    due: float = 0.0
+    attempts: int = 0
+    lease_owner: str | None = None
+    lease_until: float = 0.0
+    created: float = 0.0
+    updated: float = 0.0
+    rev: int = 0
+
+
 @runtime_checkable
 class Store(Protocol):
     """The async storage contract. ``open``/``close`` are owned by the application lifespan."""
@@ -103,6 +127,35 @@ class Store(Protocol):
 
     async def read_many(self, refs: Sequence[tuple[str, str]]) -> list[StoredResource]:
         """Live resources for (type, id) pairs, in no particular order; missing ones are skipped."""
+        ...
+
+    # --- records: durable work items with deterministic keys and leases -------------------------
+
+    async def add_record(self, record: Record, *, now: float | None = None) -> bool:
+        """Insert ``record`` unless its (kind, key) exists; True when inserted. Sets created/updated/rev=1."""
+        ...
+
+    async def get_record(self, kind: str, key: str) -> Record | None: ...
+
+    async def save_record(self, record: Record, *, now: float | None = None) -> bool:
+        """Compare-and-set: store ``record`` if the stored rev still equals ``record.rev`` (then rev+1).
+
+        Returns False when another writer got there first (the caller re-reads and decides)."""
+        ...
+
+    async def claim_records(self, kind: str, *, owner: str, now: float, lease_seconds: float, limit: int,
+                            states: Sequence[str] = ("pending",)) -> list[Record]:
+        """Atomically lease up to ``limit`` records in ``states`` that are due (``due <= now``) and not leased
+        (``lease_until <= now``), oldest due first. Anyone may claim an expired lease."""
+        ...
+
+    async def list_records(self, kind: str, *, state: str | None = None, group: str | None = None,
+                           limit: int = 50, offset: int = 0) -> list[Record]:
+        """Records newest first (by ``created``), optionally filtered by state and group."""
+        ...
+
+    async def count_records(self, kind: str) -> dict[tuple[str, str], int]:
+        """Number of records of ``kind`` per (group, state)."""
         ...
 
 

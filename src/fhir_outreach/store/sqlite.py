@@ -14,6 +14,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from .base import (
     CommitResult,
     HistoryPage,
     Method,
+    Record,
     SearchPage,
     StoredResource,
     Write,
@@ -54,6 +56,12 @@ CREATE INDEX IF NOT EXISTS idx_val ON idx (type, param, val);
 CREATE INDEX IF NOT EXISTS idx_sys ON idx (type, param, sys);
 CREATE INDEX IF NOT EXISTS idx_lo ON idx (type, param, lo);
 CREATE INDEX IF NOT EXISTS idx_res ON idx (type, id, param);
+CREATE TABLE IF NOT EXISTS records (
+    kind TEXT NOT NULL, key TEXT NOT NULL, state TEXT NOT NULL, grp TEXT NOT NULL, due REAL NOT NULL,
+    attempts INTEGER NOT NULL, lease_owner TEXT, lease_until REAL NOT NULL, created REAL NOT NULL,
+    updated REAL NOT NULL, rev INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_claim ON records (kind, state, due);
+CREATE INDEX IF NOT EXISTS records_recent ON records (kind, created);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
 """
@@ -344,6 +352,93 @@ class SqliteStore:
             return out
 
         return await self._read(run)
+
+
+    # --- records ----------------------------------------------------------------------------------
+
+    async def add_record(self, record: Record, *, now: float | None = None) -> bool:
+        moment = time.time() if now is None else now
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                               (record.kind, record.key, record.state, record.group, record.due, record.attempts,
+                                record.lease_owner, record.lease_until, moment, moment, orjson.dumps(record.data)))
+            return cur.rowcount == 1
+
+        inserted = await self._write(run)
+        if inserted:
+            record.created = record.updated = moment
+            record.rev = 1
+        return inserted
+
+    async def get_record(self, kind: str, key: str) -> Record | None:
+        def run(conn: sqlite3.Connection) -> Record | None:
+            row = conn.execute(f"SELECT {_RECORD_COLS} FROM records WHERE kind = ? AND key = ?",
+                               (kind, key)).fetchone()
+            return _record(row) if row else None
+
+        return await self._read(run)
+
+    async def save_record(self, record: Record, *, now: float | None = None) -> bool:
+        moment = time.time() if now is None else now
+
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE records SET state = ?, grp = ?, due = ?, attempts = ?, lease_owner = ?, lease_until = ?, "
+                "updated = ?, rev = rev + 1, data = ? WHERE kind = ? AND key = ? AND rev = ?",
+                (record.state, record.group, record.due, record.attempts, record.lease_owner, record.lease_until,
+                 moment, orjson.dumps(record.data), record.kind, record.key, record.rev))
+            return cur.rowcount == 1
+
+        saved = await self._write(run)
+        if saved:
+            record.rev += 1
+            record.updated = moment
+        return saved
+
+    async def claim_records(self, kind: str, *, owner: str, now: float, lease_seconds: float, limit: int,
+                            states: Sequence[str] = ("pending",)) -> list[Record]:
+        marks = ", ".join("?" * len(states))
+
+        def run(conn: sqlite3.Connection) -> list[Record]:
+            rows = conn.execute(
+                f"SELECT {_RECORD_COLS} FROM records WHERE kind = ? AND state IN ({marks}) AND due <= ? "
+                "AND lease_until <= ? ORDER BY due, created LIMIT ?", (kind, *states, now, now, limit)).fetchall()
+            claimed = []
+            for row in rows:
+                rec = _record(row)
+                conn.execute("UPDATE records SET lease_owner = ?, lease_until = ?, rev = rev + 1, updated = ? "
+                             "WHERE kind = ? AND key = ?", (owner, now + lease_seconds, now, kind, rec.key))
+                rec.lease_owner, rec.lease_until, rec.rev, rec.updated = owner, now + lease_seconds, rec.rev + 1, now
+                claimed.append(rec)
+            return claimed
+
+        return await self._write(run)
+
+    async def list_records(self, kind: str, *, state: str | None = None, group: str | None = None,
+                           limit: int = 50, offset: int = 0) -> list[Record]:
+        where, args = ["kind = ?"], [kind]
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        if group is not None:
+            where.append("grp = ?")
+            args.append(group)
+        sql = (f"SELECT {_RECORD_COLS} FROM records WHERE {' AND '.join(where)} "
+               "ORDER BY created DESC, key LIMIT ? OFFSET ?")
+        return await self._read(lambda conn: [_record(r) for r in conn.execute(sql, [*args, limit, offset])])
+
+    async def count_records(self, kind: str) -> dict[tuple[str, str], int]:
+        sql = "SELECT grp, state, COUNT(*) FROM records WHERE kind = ? GROUP BY grp, state"
+        return await self._read(lambda conn: {(g, st): n for g, st, n in conn.execute(sql, (kind,))})
+
+
+_RECORD_COLS = "kind, key, state, grp, due, attempts, lease_owner, lease_until, created, updated, rev, data"
+
+
+def _record(row: Sequence[Any]) -> Record:
+    kind, key, state, grp, due, attempts, owner, until, created, updated, rev, data = row
+    return Record(kind, key, state, orjson.loads(data), grp, due, attempts, owner, until, created, updated, rev)
 
 
 def _history_row(row: Sequence[Any]) -> StoredResource:
