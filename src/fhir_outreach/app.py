@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from . import __version__
 from .api import fhir as fhir_routes
@@ -80,7 +81,10 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         if exc.status_code == 404:
             err: FhirError = NotFound(f"no FHIR endpoint at {request.method} {request.url.path}")
         elif exc.status_code == 405:
-            err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+            allowed = _allowed_methods(request)
+            err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path} "
+                                   f"(allowed: {', '.join(allowed)})")
+            return fhir_response(err.to_outcome(), int(err.status), {"Allow": ", ".join(allowed)})
         else:
             return _outcome(exc.status_code, "processing", str(exc.detail))
         return fhir_response(err.to_outcome(), int(err.status))
@@ -96,6 +100,13 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         return _outcome(500, "exception", f"internal error ({type(exc).__name__}); see the server log")
 
     return app
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Methods some route accepts at this path (RFC 9110 requires them in a 405's Allow header)."""
+    methods = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+    return [m for m in methods if any(r.matches({**request.scope, "method": m})[0] == Match.FULL
+                                      for r in request.app.router.routes)]
 
 
 def _make_store(settings: Settings) -> Store:

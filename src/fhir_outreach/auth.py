@@ -85,6 +85,8 @@ class Authenticator:
         self._http = http
         self._jwks: jwt.PyJWKSet | None = None
         self._jwks_at = 0.0
+        # Unknown kids force a JWKS refresh at most this often, so forged tokens cannot make us hammer the issuer.
+        self.min_refresh_seconds = 10.0
 
     def prepare(self) -> None:
         """Log the auth mode; generate the first-start token when nothing else is configured."""
@@ -149,6 +151,8 @@ class Authenticator:
         kid = header.get("kid")
         key = None
         for refresh in (False, True):
+            if refresh and time.monotonic() - self._jwks_at < self.min_refresh_seconds:
+                break  # an unknown kid may force a refresh, but not more often than this
             keyset = await self._keys(refresh)
             key = next((k for k in keyset.keys if kid is None or k.key_id == kid), None)
             if key is not None:

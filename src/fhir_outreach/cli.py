@@ -18,14 +18,23 @@ from .settings import ENV_PREFIX, Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    if args.settings:
-        os.environ[ENV_PREFIX + "SETTINGS_FILE"] = args.settings
-    overrides = {}
+    overrides: dict[str, object] = {}
     if getattr(args, "host", None):
         overrides["host"] = args.host
     if getattr(args, "port", None):
         overrides["port"] = args.port
-    return load_settings(**overrides)
+    if not args.settings:
+        return load_settings(**overrides)
+    name = ENV_PREFIX + "SETTINGS_FILE"
+    before = os.environ.get(name)
+    os.environ[name] = args.settings  # read by the settings file source; restored right after
+    try:
+        return load_settings(**overrides)
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _logging(settings: Settings) -> None:

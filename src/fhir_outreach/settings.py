@@ -108,9 +108,12 @@ class _TomlSource(PydanticBaseSettingsSource):
         if name:
             path = Path(name)
             try:
-                self.data = tomllib.loads(path.read_text())
+                self.data = tomllib.loads(path.read_text(encoding="utf-8"))
             except FileNotFoundError as exc:
                 raise SettingsError(f"{ENV_PREFIX}SETTINGS_FILE: no such file {path}") from exc
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise SettingsError(f"{ENV_PREFIX}SETTINGS_FILE: cannot read {path}: {reason}") from exc
             except tomllib.TOMLDecodeError as exc:
                 raise SettingsError(f"{ENV_PREFIX}SETTINGS_FILE: {path} is not valid TOML: {exc}") from exc
 
@@ -134,9 +137,14 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "settings"
-        name = ENV_PREFIX + field.upper() if err["loc"] else "settings"
         msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a rule across settings; its message names the variables
+            raise SettingsError(f"invalid settings: {msg}") from exc
+        field = str(err["loc"][0])
+        if err["type"] == "extra_forbidden" and field not in overrides:  # only the file can add unknown keys
+            raise SettingsError(f"unknown setting {field!r} in the file named by {ENV_PREFIX}SETTINGS_FILE "
+                                f"(known: {', '.join(Settings.model_fields)})") from exc
+        name = ENV_PREFIX + field.upper()
         given = err.get("input")
         shown = f" (got {given!r})" if isinstance(given, str | int | float) and "token" not in field else ""
         raise SettingsError(f"invalid setting {name}: {msg}{shown}") from exc

@@ -37,7 +37,7 @@ class JwksServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
+            def do_GET(self) -> None:
                 server.hits += 1
                 body = json.dumps(server.document).encode()
                 self.send_response(200)
@@ -254,6 +254,9 @@ async def test_jwt_smart_v2_scopes(jwt_settings: Any, keys: dict[str, Key]) -> N
                  "JWT rejected: Invalid issuer", id="wrong-issuer"),
     pytest.param(lambda k: k["other"].token(kid="k1"),
                  "JWT rejected: Signature verification failed", id="signed-by-another-key"),
+    pytest.param(lambda k: jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 300,
+                                       "scope": "system/*.write"}, None, algorithm="none", headers={"kid": "k1"}),
+                 "JWT rejected: The specified alg value is not allowed", id="alg-none"),
     pytest.param(lambda k: k["k1"].token(omit=("exp",)),
                  'JWT rejected: Token is missing the "exp" claim', id="no-expiry"),
 ])
@@ -268,7 +271,9 @@ async def test_jwt_rejected(jwt_settings: Any, keys: dict[str, Key], make_token:
 
 async def test_unknown_kid_refreshes_the_jwks_once_then_works(
         jwt_settings: Any, keys: dict[str, Key], jwks: JwksServer) -> None:
-    async with app_client(jwt_settings, token=None) as c:
+    ac = app_client(jwt_settings, token=None)
+    async with ac as c:
+        ac.app.state.authenticator.min_refresh_seconds = 0  # the issuer rotates right away in this test
         first = await c.get(f"{BASE}/Task", headers=bearer(keys["k1"].token()))
         assert first.status_code == 200, first.text
         again = await c.get(f"{BASE}/Task", headers=bearer(keys["k1"].token()))
@@ -284,6 +289,16 @@ async def test_unknown_kid_refreshes_the_jwks_once_then_works(
         old = await c.get(f"{BASE}/Task", headers=bearer(keys["k1"].token()))
         assert_outcome(old, 401, "login", "no key with kid 'k1' in the issuer's JWKS")
         assert jwks.hits == 3
+
+
+async def test_unknown_kids_cannot_force_more_than_one_refresh_per_interval(
+        jwt_settings: Any, keys: dict[str, Key], jwks: JwksServer) -> None:
+    async with app_client(jwt_settings, token=None) as c:
+        assert (await c.get(f"{BASE}/Task", headers=bearer(keys["k1"].token()))).status_code == 200
+        for _ in range(5):  # forged tokens with unknown kids, right after the first fetch
+            resp = await c.get(f"{BASE}/Task", headers=bearer(keys["other"].token(kid="forged")))
+            assert resp.status_code == 401
+        assert jwks.hits == 1
 
 
 async def test_unusable_jwks_is_401_not_500(jwt_settings: Any, keys: dict[str, Key], jwks: JwksServer) -> None:

@@ -9,15 +9,16 @@ runs each entry on its own and reports each outcome in its response entry.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ..auth import Access, Principal
-from ..errors import FhirError, InvalidRequest, MethodNotAllowed
+from ..errors import BusinessRule, FhirError, InvalidRequest, MethodNotAllowed
 from ..fhir.validation import validate_resource
 from ..store.base import Write, format_instant
-from .interactions import Interactions, Result, check_type, new_id, strip_base
+from .interactions import CANONICAL_TYPES, Interactions, Result, check_type, new_id, strip_base
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
 _STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content", 304: "304 Not Modified"}
@@ -42,6 +43,17 @@ def _rewrite(node: Any, ids: dict[str, str]) -> Any:
     if isinstance(node, list):
         return [_rewrite(v, ids) for v in node]
     return node
+
+
+@contextlib.contextmanager
+def _entry_errors(i: int) -> Iterator[None]:
+    """Prefix errors raised while handling entry ``i`` with ``Bundle.entry[i]: ``."""
+    try:
+        yield
+    except FhirError as exc:
+        if not exc.diagnostics.startswith("Bundle.entry"):
+            exc.diagnostics = f"Bundle.entry[{i}]: {exc.diagnostics}"
+        raise
 
 
 class BundleProcessor:
@@ -84,7 +96,7 @@ class BundleProcessor:
         self.principal.require(type_, access)
 
     async def _plan(self, i: int, entry: dict[str, Any], method: str, url: str,
-                    req: dict[str, Any]) -> Write | None:
+                    req: dict[str, Any], planned: tuple[str, str | None] | None = None) -> Write | None:
         where = f"Bundle.entry[{i}]"
         segments, _ = _split_url(url, self.ix.base)
         if not segments:
@@ -98,7 +110,7 @@ class BundleProcessor:
                 raise InvalidRequest(f"{where}: POST url must be the resource type, got {url!r}",
                                      expression=[f"{where}.request.url"])
             return await self.ix.plan_create(type_, resource, if_none_exist=req.get("ifNoneExist"),
-                                             root=f"{where}.resource", id_=entry.get("_assigned_id"))
+                                             root=f"{where}.resource", planned=planned)
         if method in ("PUT", "DELETE"):
             if len(segments) != 2:
                 raise InvalidRequest(f"{where}: {method} url must be Type/id (conditional {method} is not "
@@ -116,17 +128,19 @@ class BundleProcessor:
             requests.append((i, entry, method, url, req))
         # Assign ids to creates first, so that references between entries can be rewritten.
         ids: dict[str, str] = {}
+        planned: dict[int, tuple[str, str | None]] = {}
         for i, entry, method, url, req in requests:
             full = entry.get("fullUrl")
             if method == "POST":
-                type_ = _split_url(url, self.ix.base)[0][:1] or ["?"]
-                existing = None
-                if req.get("ifNoneExist"):
-                    q = self.ix.condition(type_[0], req["ifNoneExist"], f"Bundle.entry[{i}].request.ifNoneExist")
-                    existing = await self.ix.ensure_unique_condition(type_[0], q)
-                entry["_assigned_id"] = existing.id if existing else new_id()
+                with _entry_errors(i):
+                    type_ = check_type((_split_url(url, self.ix.base)[0] or ["?"])[0])
+                    existing = None
+                    if req.get("ifNoneExist"):
+                        q = self.ix.condition(type_, req["ifNoneExist"], f"Bundle.entry[{i}].request.ifNoneExist")
+                        existing = await self.ix.ensure_unique_condition(type_, q)
+                planned[i] = (existing.id, existing.id) if existing else (new_id(), None)
                 if isinstance(full, str) and full:
-                    ids[full] = f"{type_[0]}/{entry['_assigned_id']}"
+                    ids[full] = f"{type_}/{planned[i][0]}"
             elif method == "PUT" and isinstance(full, str) and full.startswith("urn:"):
                 ids[full] = strip_base(url, self.ix.base)
         writes: list[tuple[int, Write]] = []
@@ -134,18 +148,21 @@ class BundleProcessor:
         for i, entry, method, url, req in sorted(requests, key=lambda r: _ORDER[r[2]]):
             if ids and isinstance(entry.get("resource"), dict):
                 entry = {**entry, "resource": _rewrite(entry["resource"], ids)}
-            try:
-                write = await self._plan(i, entry, method, url, req)
-            except FhirError as exc:
-                if not exc.diagnostics.startswith("Bundle.entry"):
-                    exc.diagnostics = f"Bundle.entry[{i}]: {exc.diagnostics}"
-                raise
+            with _entry_errors(i):
+                write = await self._plan(i, entry, method, url, req, planned.get(i))
             if write is None:
                 gets.append((i, url))
             else:
                 writes.append((i, write))
         self._check_duplicates(writes)
-        results = await self.ix.store.commit([w for _, w in writes])
+        try:
+            results = await self.ix.store.commit([w for _, w in writes])
+        except FhirError as exc:  # name the entry whose resource the store refused
+            for i, w in writes:
+                if f"{w.type}/{w.id}" in exc.diagnostics and not exc.diagnostics.startswith("Bundle.entry"):
+                    exc.diagnostics = f"Bundle.entry[{i}]: {exc.diagnostics}"
+                    break
+            raise
         out: dict[int, dict[str, Any]] = {}
         for (i, write), res in zip(writes, results, strict=True):
             out[i] = self._response_entry(self.ix.result_of(write, res))
@@ -157,7 +174,16 @@ class BundleProcessor:
     @staticmethod
     def _check_duplicates(writes: list[tuple[int, Write]]) -> None:
         seen: dict[tuple[str, str], int] = {}
+        canonicals: dict[tuple[str, str, str], int] = {}
         for i, w in writes:
+            res = w.resource or {}
+            if w.type in CANONICAL_TYPES and isinstance(res.get("url"), str):
+                ckey = (w.type, res["url"], str(res.get("version")))
+                if ckey in canonicals:
+                    raise BusinessRule(f"Bundle.entry[{i}] and Bundle.entry[{canonicals[ckey]}] are both {w.type} "
+                                       f"{res['url']}|{res.get('version')}; url|version must be unique",
+                                       expression=[f"Bundle.entry[{i}].resource.version"])
+                canonicals[ckey] = i
             key = (w.type, w.id)
             if key in seen:
                 raise InvalidRequest(f"Bundle.entry[{i}] and Bundle.entry[{seen[key]}] both change {w.type}/{w.id}; "

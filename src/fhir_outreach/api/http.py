@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -67,9 +68,11 @@ def require_json(request: Request) -> None:
 
 
 def prefer(request: Request) -> dict[str, str]:
+    """The ``Prefer`` preferences as a dict. RFC 7240 separates preferences with commas (``return=minimal,
+    handling=strict``); semicolons are accepted too, as the FHIR preferences take no parameters."""
     out: dict[str, str] = {}
     for header in request.headers.getlist("prefer"):
-        for part in header.split(";"):
+        for part in re.split(r"[,;]", header):
             part = part.strip()
             if "=" in part:
                 key, _, value = part.partition("=")

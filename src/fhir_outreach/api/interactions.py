@@ -116,13 +116,22 @@ class Interactions:
     # --- planning (validation + preconditions → Write) -------------------------------------------
 
     async def plan_create(self, type_: str, resource: Any, *, if_none_exist: str | None = None,
-                          root: str | None = None, id_: str | None = None) -> Write:
+                          root: str | None = None, planned: tuple[str, str | None] | None = None) -> Write:
+        """A create. ``planned`` = (id, matched id or None) when a transaction already resolved the
+        If-None-Exist condition; the store then re-checks it atomically (Conflict if it changed)."""
         check_type(type_)
         validate_resource(resource, type_, root=root)
-        rid = id_ or new_id()
-        await self._canonical_rule(type_, rid, resource)
         query = self.condition(type_, if_none_exist, "If-None-Exist") if if_none_exist else None
-        return Write(type_, rid, resource, expect=MUST_NOT_EXIST, if_none_exist=query)
+        if planned is not None:
+            rid, match = planned
+        else:
+            rid = new_id()
+            found = (await self.ensure_unique_condition(type_, query)) if query is not None else None
+            match = found.id if found is not None else None
+        if match is None:
+            await self._canonical_rule(type_, rid, resource)  # an existing match is returned, not re-created
+        return Write(type_, rid, resource, expect=MUST_NOT_EXIST, if_none_exist=query,
+                     condition_planned=planned is not None and query is not None, planned_match=match)
 
     async def plan_update(self, type_: str, id_: str, resource: Any, *, if_match: str | None = None,
                           root: str | None = None) -> Write:
@@ -290,5 +299,6 @@ class Interactions:
     async def ensure_unique_condition(self, type_: str, query: Query) -> StoredResource | None:
         page = await self.store.search(query)
         if page.total > 1:
-            raise PreconditionFailed(f"the condition matched {page.total} {type_} resources; it must match at most one")
+            raise PreconditionFailed(f"If-None-Exist matched {page.total} {type_} resources; "
+                                     "the condition must match at most one")
         return page.resources[0] if page.resources else None

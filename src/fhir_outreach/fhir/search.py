@@ -91,7 +91,7 @@ def date_conditions(prefix: str, lo: float, hi: float) -> tuple[tuple[DateCond, 
 
 def _date_pred(name: str, raw: str) -> Pred:
     prefix = "eq"
-    if len(raw) > 2 and raw[:2].isalpha():
+    if len(raw) > 2 and raw[:2].isalpha() and raw[2].isdigit():
         prefix, raw = raw[:2], raw[2:]
         if prefix not in PREFIXES:
             raise NotSupported(f"search parameter '{name}': prefix '{prefix}' is not supported "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from ..errors import Conflict, PreconditionFailed
 from ..fhir.paths import IndexEntry, extract
 from ..fhir.search import Query
 
@@ -44,7 +45,10 @@ class StoredResource:
 class Write:
     """One change. ``resource`` None means delete. ``expect``: None (any), 0 (must not exist), n (version n
     must be current, else ``PreconditionFailed``). ``if_none_exist``: a query; when it matches one
-    resource the write is skipped and that resource returned (conditional create)."""
+    resource the write is skipped and that resource returned (conditional create). In a transaction the
+    caller resolves the condition while planning (to rewrite references); it then sets
+    ``condition_planned`` and ``planned_match`` (the id it found, or None), and the store raises
+    ``Conflict`` if at commit time the condition resolves to anything else."""
 
     type: str
     id: str
@@ -52,6 +56,8 @@ class Write:
     expect: int | None = ANY_VERSION
     if_none_exist: Query | None = None
     index: list[IndexEntry] = field(default_factory=list)
+    condition_planned: bool = False
+    planned_match: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +163,21 @@ class Store(Protocol):
     async def count_records(self, kind: str) -> dict[tuple[str, str], int]:
         """Number of records of ``kind`` per (group, state)."""
         ...
+
+
+def check_planned_condition(write: Write, matched: list[StoredResource]) -> StoredResource | None:
+    """The shared If-None-Exist rule once a backend has run the query (at most 2 results): the match to
+    return instead of writing, or None to go on and create. Raises PreconditionFailed / Conflict."""
+    if len(matched) > 1:
+        raise PreconditionFailed(f"If-None-Exist matched {len(matched)} {write.type} resources; "
+                                 "the condition must match at most one")
+    found = matched[0] if matched else None
+    if write.condition_planned and (found.id if found else None) != write.planned_match:
+        now = f"{write.type}/{found.id}" if found else "nothing"
+        was = f"{write.type}/{write.planned_match}" if write.planned_match else "nothing"
+        raise Conflict(f"{write.type}: the If-None-Exist condition matched {was} when the transaction was planned "
+                       f"but matches {now} at commit; retry the transaction")
+    return found
 
 
 def prepare(write: Write, base_url: str | None) -> Write:

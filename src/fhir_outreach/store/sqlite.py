@@ -34,6 +34,7 @@ from .base import (
     SearchPage,
     StoredResource,
     Write,
+    check_planned_condition,
     prepare,
     stamp,
     utcnow,
@@ -257,12 +258,9 @@ class SqliteStore:
 
     def _apply(self, conn: sqlite3.Connection, w: Write, now: datetime) -> CommitResult:
         if w.if_none_exist is not None:
-            page = _search(conn, w.if_none_exist, limit=2)
-            if page.total > 1:
-                raise PreconditionFailed(
-                    f"If-None-Exist matched {page.total} {w.type} resources; the condition must match at most one")
-            if page.total == 1:
-                return CommitResult(page.resources[0], created=False, existed=True)
+            found = check_planned_condition(w, _search(conn, w.if_none_exist, limit=2).resources)
+            if found is not None:
+                return CommitResult(found, created=False, existed=True)
         row = conn.execute("SELECT version, deleted FROM resources WHERE type = ? AND id = ?",
                            (w.type, w.id)).fetchone()
         current, live = (row[0], not row[1]) if row else (0, False)
