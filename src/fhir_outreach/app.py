@@ -19,12 +19,15 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from . import __version__
+from .api import admin as admin_routes
 from .api import fhir as fhir_routes
+from .api import hooks as hook_routes
 from .api.capability import capability_statement
 from .api.http import fhir_response
 from .api.interactions import Interactions
 from .auth import Authenticator
 from .errors import FhirError, InvalidRequest, MethodNotAllowed, NotFound
+from .intake.service import IntakeService
 from .settings import Settings
 from .store import Store, open_store
 from .store.base import format_instant, utcnow
@@ -37,7 +40,11 @@ def _outcome(status: int, code: str, diagnostics: str) -> Response:
         {"severity": "error", "code": code, "diagnostics": diagnostics}]}, status)
 
 
-def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
+def create_app(settings: Settings, store: Store | None = None, *, run_background: bool = True,
+               source_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """The application. ``run_background=False`` leaves intake processing to the caller (tests drain it
+    explicitly); ``source_transport`` routes calls to source servers (tests point it at an ASGI app)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         the_store = store or _make_store(settings)
@@ -52,15 +59,23 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
                                               default_count=settings.default_count, max_count=settings.max_count)
         app.state.capability = capability_statement(settings.fhir_base, auth_on=authenticator.enabled,
                                                     jwt=bool(settings.jwt_issuer), started=format_instant(utcnow()))
+        intake = IntakeService(settings, the_store, transport=source_transport)
+        app.state.intake = intake
+        app.state.hooks = intake.hooks
+        if settings.serve_worker and run_background:
+            intake.start()
         try:
             yield
         finally:
+            await intake.aclose()
             await http.aclose()
             await the_store.close()
 
     app = FastAPI(title="fhir-outreach", version=__version__, lifespan=lifespan,
                   docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.include_router(fhir_routes.router)
+    app.include_router(hook_routes.router)
+    app.include_router(admin_routes.router)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:

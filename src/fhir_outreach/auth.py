@@ -53,6 +53,11 @@ class Principal:
                 return True
         return False
 
+    def require_admin(self) -> None:
+        """Operator endpoints (/admin): static tokens, or a JWT with ``system/*.*`` (or ``system/*.cruds``)."""
+        if not (self.full_access or {"system/*.*", "system/*.cruds"} & self.scopes):
+            raise Forbidden("operator endpoints need a static API token or the system/*.* scope")
+
     def require(self, resource_type: str, access: Access) -> None:
         if not self.allows(resource_type, access):
             raise Forbidden(f"the token's scopes do not allow {access} access to {resource_type} "

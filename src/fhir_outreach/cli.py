@@ -61,7 +61,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _logging(settings)
     try:
-        asyncio.run(run_worker(_make_store(settings), settings.worker_poll_seconds))
+        asyncio.run(run_worker(settings, _make_store(settings)))
     except StoreUnavailable as exc:
         print(f"fhir-outreach worker: {exc.diagnostics}", file=sys.stderr)
         return 1

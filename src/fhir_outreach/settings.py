@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import SettingsError
+from .sources import SourceConfig
 
 ENV_PREFIX = "FHIR_OUTREACH_"
 DEFAULT_STORE = "sqlite:///data/fhir-outreach.db"
@@ -44,6 +45,15 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="SQLite PRAGMA synchronous (FULL fsyncs every group commit)")
     worker_poll_seconds: float = Field(1.0, gt=0, description="How often an idle worker polls the store")
+    serve_worker: bool = Field(True, description="Run background work (intake processing...) inside serve too")
+    sources: list[SourceConfig] = Field(
+        default_factory=list, description="Source FHIR servers (JSON list; see 'Source servers')")
+    hook_master_key: str | None = Field(
+        None, min_length=32, description="Secret all hook secrets derive from (default: generated in the data dir)")
+    public_url: str | None = Field(
+        None, description="Public base URL that sources use to reach /hooks (default: base URL without /fhir)")
+    health_interval_seconds: float = Field(
+        60.0, gt=0, description="How often source Subscriptions and heartbeats are checked")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
     @field_validator("api_tokens", "jwt_algorithms", mode="before")
@@ -80,6 +90,14 @@ class Settings(BaseSettings):
         return value.rstrip("/")
 
     @model_validator(mode="after")
+    def _sources_unique(self) -> Settings:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"FHIR_OUTREACH_SOURCES: source names must be unique ({', '.join(dupes)})")
+        return self
+
+    @model_validator(mode="after")
     def _jwt_complete(self) -> Settings:
         if self.jwt_issuer and not self.jwt_jwks_url:
             raise ValueError("FHIR_OUTREACH_JWT_JWKS_URL is required when FHIR_OUTREACH_JWT_ISSUER is set")
@@ -88,6 +106,12 @@ class Settings(BaseSettings):
     @property
     def fhir_base(self) -> str:
         return self.base_url or f"http://{self.host}:{self.port}/fhir"
+
+    @property
+    def hooks_base(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        return self.fhir_base.removesuffix("/fhir")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

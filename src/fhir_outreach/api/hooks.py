@@ -75,6 +75,7 @@ async def _deliver(request: Request, key: str, path: list[str]) -> Response:
         await inbox.reject(store, **where, reason=str(exc), where=exc.where)
         raise InvalidRequest(f"unreadable notification: {exc}", expression=[exc.where]) from exc
     await inbox.accept(store, **where)
+    request.app.state.intake.wake()
     validation = next((d for d in drafts if d.kind == "validation"), None)
     if validation is not None and validation.validation_code:
         return fhir_response({"validationResponse": validation.validation_code}, media_type="application/json")

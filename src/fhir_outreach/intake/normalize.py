@@ -320,7 +320,7 @@ def normalize(method: str, path: list[str], body: Any, headers: dict[str, str]) 
     """Drafts for one delivery: ``method``, the path below ``/hooks/{key}``, parsed JSON body (or None for
     an empty one) and lower-case headers."""
     if path:
-        if len(path) != 2 or path[0] not in RESOURCE_TYPES and not path[0][:1].isupper():
+        if len(path) != 2 or (path[0] not in RESOURCE_TYPES and not path[0][:1].isupper()):
             raise MalformedNotification(f"expected /hooks/{{key}}/{{Type}}/{{id}}, got /{'/'.join(path)}", "url")
         type_, id_ = path
         if method == "DELETE":

@@ -1,9 +1,9 @@
 """The ``fhir-outreach worker`` process loop.
 
 A worker connects to the configured store, checks it is reachable, and then polls for work until it is
-asked to stop (SIGTERM/SIGINT), finishing the current poll before closing the store. The journey engine
-(a later issue) registers the job kinds it claims; until then each poll only checks the store's health,
-so a worker can already be deployed, started, supervised and stopped cleanly beside ``serve``.
+asked to stop (SIGTERM/SIGINT), finishing the current round before closing the store. Each round runs the
+registered jobs: today intake (inbox processing, gap recovery, source health); the journey engine adds
+its own. Work is claimed under leases, so any number of workers (and ``serve``) share it safely.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from ..errors import StoreUnavailable
+from ..settings import Settings
 from ..store import Store
 
 log = logging.getLogger("fhir_outreach.worker")
@@ -56,15 +57,26 @@ class Worker:
         log.info("worker stopped after %d polls", self.polls)
 
 
-async def run_worker(store: Store, poll_seconds: float) -> None:
+async def run_worker(settings: Settings, store: Store) -> None:
+    from ..intake.service import IntakeService
+
     await store.open()
+    intake: IntakeService | None = None
     try:
         await store.ping()
-        worker = Worker(store, poll_seconds=poll_seconds)
+        intake = IntakeService(settings, store)
+        service = intake
+
+        async def intake_job(_: Store) -> int:
+            return await service.run_once()
+
+        worker = Worker(store, poll_seconds=settings.worker_poll_seconds, jobs=[intake_job])
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         print("fhir-outreach worker: connected to the store; waiting for work (Ctrl-C to stop)", flush=True)
         await worker.run()
     finally:
+        if intake is not None:
+            await intake.aclose()
         await store.close()

@@ -1,0 +1,88 @@
+"""The intake service: the hook registry, source clients and processor of one process, and its loop.
+
+``serve`` runs the loop in-process (unless ``FHIR_OUTREACH_SERVE_WORKER=false``) and every
+``fhir-outreach worker`` runs it too; work is shared through leases in the store, so any number of
+processes can run it side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+
+import httpx
+
+from ..fhir.client import SourceClients
+from ..settings import Settings
+from ..store import Store
+from .hooks import HookRegistry, load_master_key
+from .processor import Processor
+from .recovery import check_health, recover
+
+log = logging.getLogger("fhir_outreach.intake")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class IntakeService:
+    def __init__(self, settings: Settings, store: Store, *,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.sources = SourceClients(settings.sources, transport=transport)
+        self.hooks = HookRegistry(store, load_master_key(settings.hook_master_key, settings.data_dir),
+                                  settings.hooks_base)
+        self.processor = Processor(store, self.hooks, self.sources, owner=worker_id())
+        self._last_health = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Something was just accepted: process it now instead of at the next poll."""
+        self._wake.set()
+
+    async def run_once(self) -> int:
+        """One round of intake work; returns how many items it handled (0 = idle)."""
+        handled = await self.processor.run_once()
+        handled += await recover(self.processor)
+        if time.monotonic() - self._last_health >= self.settings.health_interval_seconds:
+            self._last_health = time.monotonic()
+            if self.settings.sources:
+                await check_health(self.processor)
+        return handled
+
+    async def drain(self, rounds: int = 50) -> None:
+        """Run until idle (tests and ``inbox process``)."""
+        for _ in range(rounds):
+            if not await self.run_once():
+                return
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="intake-loop")
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = await self.run_once()
+            except Exception:
+                log.exception("intake loop round failed; retrying")
+                handled = 0
+            if not handled:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.settings.worker_poll_seconds)
+                self._wake.clear()
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.sources.aclose()
