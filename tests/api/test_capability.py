@@ -194,12 +194,10 @@ async def check_search_params(client: httpx.AsyncClient, rtype: str, res: Resour
             cands = [(stored[0], IndexEntry(name, lo=lo, hi=hi))]
             every = [cands[0][1]]
         else:
-            for resource in ours(stored) or stored:
-                own = [e for e in extract(resource, BASE) if e.param == name]
-                if own:
-                    cands.append((resource, own[0]))
-                    every += own
-            cands = cands if ours(stored) else cands[:1]
+            found = [(r, own) for r in stored if (own := [e for e in extract(r, BASE) if e.param == name])]
+            found = [(r, own) for r, own in found if r["id"].startswith("ex-")] or found[:1]
+            cands = [(r, own[0]) for r, own in found]
+            every = [e for _, own in found for e in own]
         if not cands:
             uncovered.append(f"{rtype}.{name}")
             continue

@@ -20,6 +20,9 @@ def capability_statement(base_url: str, *, auth_on: bool, jwt: bool, started: st
     resources = []
     for rtype, params in PARAMS.items():
         refs = sorted(f"{rtype}:{p.name}" for p in params.values() if p.kind == "reference")
+        # _revinclude=Source:param works for every reference parameter of any type that can point here.
+        revrefs = sorted(f"{src}:{p.name}" for src, sp in PARAMS.items() for p in sp.values()
+                         if p.kind == "reference" and (rtype in p.targets or not p.targets))
         resources.append({
             "type": rtype,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
@@ -32,11 +35,9 @@ def capability_statement(base_url: str, *, auth_on: bool, jwt: bool, started: st
             "conditionalUpdate": False,
             "conditionalDelete": "not-supported",
             "searchInclude": refs,
-            "searchRevInclude": refs,
+            "searchRevInclude": revrefs,
             "searchParam": [*COMMON_PARAMS, *(
-                {"name": p.name, "type": p.kind,
-                 "definition": f"http://hl7.org/fhir/SearchParameter/{rtype}-{p.name}",
-                 "documentation": f"{p.expression}"} for p in params.values())],
+                {"name": p.name, "type": p.kind, "documentation": p.expression} for p in params.values())],
         })
     security: dict[str, Any] = {"cors": False, "description": (
         "Bearer tokens: static tokens from FHIR_OUTREACH_API_TOKENS (or the generated data/api-token)"

@@ -234,7 +234,7 @@ PARAMS: dict[str, dict[str, SearchParam]] = {
         identifier token Observation.identifier
         date date Observation.effective
         encounter reference Observation.encounter -> Encounter
-        value-concept token Observation.value
+        value-concept token Observation.valueCodeableConcept
         based-on reference Observation.basedOn -> CarePlan,ServiceRequest,MedicationRequest
     """),
     "Condition": _p("""
@@ -285,8 +285,8 @@ PARAMS: dict[str, dict[str, SearchParam]] = {
     "MedicationRequest": _p("""
         patient reference MedicationRequest.subject.where(resolve() is Patient) -> Patient
         subject reference MedicationRequest.subject -> Patient,Group
-        code token MedicationRequest.medication
-        medication reference MedicationRequest.medication -> Medication
+        code token MedicationRequest.medicationCodeableConcept
+        medication reference MedicationRequest.medicationReference -> Medication
         status token MedicationRequest.status
         intent token MedicationRequest.intent
         identifier token MedicationRequest.identifier
