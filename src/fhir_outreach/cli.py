@@ -11,6 +11,8 @@ import asyncio
 import logging
 import os
 import sys
+import time
+from typing import Any
 
 from . import __version__
 from .errors import SettingsError, StoreUnavailable
@@ -68,6 +70,69 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _with_intake(settings: Settings, fn: Any) -> Any:
+    """Open the store and an intake service (no background loop), run ``fn(service)``, close."""
+    from .app import _make_store
+    from .intake.service import IntakeService
+
+    store = _make_store(settings)
+    await store.open()
+    service = IntakeService(settings, store)
+    try:
+        return await fn(service)
+    finally:
+        await service.aclose()
+        await store.close()
+
+
+def cmd_subscriptions_sync(args: argparse.Namespace) -> int:
+    from .intake.provisioning import Provisioner
+
+    settings = _settings(args)
+    _logging(settings)
+    if not settings.sources:
+        print("fhir-outreach: no source servers configured (FHIR_OUTREACH_SOURCES)", file=sys.stderr)
+        return 2
+
+    async def run(service: Any) -> list[Any]:
+        return await Provisioner(service.store, service.hooks, service.sources).sync(settings.sources)
+
+    actions = asyncio.run(_with_intake(settings, run))
+    if not actions:
+        print("no active journey needs a trigger: nothing to provision")
+    for a in actions:
+        print(f"{a.source:<12} {a.trigger:<36} {a.action:<11} {a.mode:<9} {a.remote_id or '-':<38} {a.detail}")
+    return 1 if any(a.action == "failed" for a in actions) else 0
+
+
+def cmd_inbox(args: argparse.Namespace) -> int:
+    from .intake.inbox import INBOX, summary
+
+    settings = _settings(args)
+
+    async def run(service: Any) -> None:
+        store = service.store
+        if args.inbox_command == "counts":
+            for kind in (INBOX, "event", "recovery"):
+                for (group, state), n in sorted((await store.count_records(kind)).items()):
+                    print(f"{kind:<9} {group or '-':<12} {state:<11} {n}")
+            return
+        if args.inbox_command == "process":
+            await service.drain(rounds=10_000)
+            print("inbox processed")
+            return
+        records = await store.list_records(INBOX, state=args.state, group=args.source, limit=args.limit)
+        for rec in records:
+            item = summary(rec)
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item["received"] or 0))
+            path = "/".join(item["path"] or [])
+            print(f"{when} {item['id']} {item['state']:<9} {item['source']:<12} {item['method']:<6} "
+                  f"/{path:<30} {item['reason'] or ''}")
+
+    asyncio.run(_with_intake(settings, run))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fhir-outreach", description="FHIR-native patient-outreach engine")
     parser.add_argument("--version", action="version", version=f"fhir-outreach {__version__}")
@@ -79,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("worker", help="run a background worker against the configured store")
     worker.set_defaults(func=cmd_worker)
+    subs = sub.add_parser("subscriptions", help="source-server Subscriptions")
+    subs_sub = subs.add_subparsers(dest="subscriptions_command", required=True)
+    sync = subs_sub.add_parser("sync", help="create or reconcile the Subscriptions the active journeys need")
+    sync.set_defaults(func=cmd_subscriptions_sync)
+    inbox = sub.add_parser("inbox", help="the intake inbox (deliveries as received)")
+    inbox_sub = inbox.add_subparsers(dest="inbox_command", required=True)
+    ls = inbox_sub.add_parser("ls", help="list deliveries, newest first")
+    ls.add_argument("--state", choices=["pending", "done", "rejected"], help="only this state")
+    ls.add_argument("--source", help="only this source")
+    ls.add_argument("--limit", type=int, default=50)
+    inbox_sub.add_parser("counts", help="counts per kind, source and state")
+    inbox_sub.add_parser("process", help="process every pending delivery now, then exit")
+    for p in (ls, *inbox_sub.choices.values()):
+        p.set_defaults(func=cmd_inbox)
     return parser
 
 

@@ -103,6 +103,17 @@ async def create_hook(request: Request) -> Response:
                   "channel_header": f"Authorization: Bearer {secret}"}, 201)
 
 
+@router.post("/subscriptions/sync")
+async def subscriptions_sync(request: Request) -> Response:
+    await _admin(request)
+    from ..intake.provisioning import Provisioner
+
+    intake = request.app.state.intake
+    actions = await Provisioner(request.app.state.store, intake.hooks, intake.sources).sync(
+        request.app.state.settings.sources)
+    return _json({"actions": [vars(a) for a in actions]})
+
+
 @router.get("/{name}")
 async def list_records(request: Request, name: str) -> Response:
     await _admin(request)

@@ -20,8 +20,18 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-_FIELDS = ("name", "title", "resource", "interactions", "fhirpath", "query_current", "can_filter_by", "periodic",
-           "topic", "basic")
+_FIELDS = (
+    "name",
+    "title",
+    "resource",
+    "interactions",
+    "fhirpath",
+    "query_current",
+    "can_filter_by",
+    "periodic",
+    "topic",
+    "basic",
+)
 
 
 @dataclass(frozen=True)
