@@ -31,6 +31,8 @@ class SourceConfig(BaseModel):
     scope: str = "system/*.read system/Subscription.write"
     timeout_seconds: float = Field(15.0, gt=0)
     subscription_days: int = Field(365, ge=1, description="How far ahead provisioned Subscriptions end")
+    subscription_mode: Literal["auto", "topic", "classic"] = Field(
+        "auto", description="auto: topic-based when the source declares backport topics, else classic criteria")
 
     @field_validator("name")
     @classmethod

@@ -150,6 +150,8 @@ class Provisioner:
                         continue
                     if caps is None:
                         caps = await discover(self.clients.get(cfg.name))
+                        if cfg.subscription_mode != "auto":
+                            caps.backport = cfg.subscription_mode == "topic"
                     actions.append(await self._one(cfg, need, caps))
                 except SourceError as exc:
                     actions.append(Action(cfg.name, need.name, "failed", "-", detail=exc.diagnostics))
