@@ -173,7 +173,9 @@ def _status_from_parameters(res: dict[str, Any]) -> dict[str, Any]:
 def _shape_of(bundle: dict[str, Any], status_res: dict[str, Any]) -> str:
     if status_res.get("resourceType") == "Parameters":
         return "r4-backport"
-    return "r5" if bundle.get("type") == "subscription-notification" else "r4b"
+    # R4B notifications are ``history`` Bundles; R5 ones ``subscription-notification``, or ``transaction``
+    # from HAPI R5 (hapi-fhir #5208), so anything but ``history`` is R5.
+    return "r4b" if bundle.get("type") == "history" else "r5"
 
 
 def _ref_text(value: Any) -> str | None:
@@ -243,8 +245,10 @@ def notification_bundle(bundle: dict[str, Any]) -> list[Draft]:
         resource = entry.get("resource") if isinstance(entry.get("resource"), dict) else None
         method = ((entry.get("request") or {}).get("method") or "").upper()
         version = ver or (_version_of(resource) if resource else None)
-        interaction: Interaction = ("delete" if method == "DELETE" else "create" if method == "POST"
-                                    else "update" if method == "PUT" else _interaction_for_version(version))
+        # Without a payload entry and a version, the read-back decides create vs update (processor).
+        interaction: Interaction | None = (
+            "delete" if method == "DELETE" else "create" if method == "POST" else "update" if method == "PUT"
+            else _interaction_for_version(version) if version is not None else None)
         context = [c for c in (_ref_text(x) for x in event.get("additionalContext") or []) if c]
         drafts.append(Draft("event", interaction=interaction, focus=f"{t}/{rid}", version=version,
                             resource=resource if interaction != "delete" else None, event_number=number,
@@ -256,22 +260,27 @@ def notification_bundle(bundle: dict[str, Any]) -> list[Draft]:
 # --- Medplum ---------------------------------------------------------------------------------------
 
 def medplum(body: Any, headers: dict[str, str]) -> list[Draft]:
+    """A bare resource (``{}`` for a delete) with ``X-Medplum-Interaction`` / ``-Deleted-Resource`` and
+    ``-Subscription`` (the Subscription id, kept as ``Subscription/{id}``); without the Medplum headers the
+    interaction follows ``meta.versionId``."""
     interaction = (headers.get("x-medplum-interaction") or "").lower()
+    sub_header = (headers.get("x-medplum-subscription") or "").strip()
+    subscription = (sub_header if "/" in sub_header else f"Subscription/{sub_header}") if sub_header else None
     if interaction == "delete":
         deleted = headers.get("x-medplum-deleted-resource")
         if not deleted:
             raise MalformedNotification("a Medplum delete needs the X-Medplum-Deleted-Resource header",
                                         "X-Medplum-Deleted-Resource")
         t, rid, _ = parse_reference(deleted)
-        return [Draft("event", "medplum", "delete", f"{t}/{rid}")]
+        return [Draft("event", "medplum", "delete", f"{t}/{rid}", subscription=subscription)]
     resource = _check_resource(body, "body")
     if not isinstance(resource.get("id"), str):
         raise MalformedNotification("the resource has no id", "id")
     version = _version_of(resource)
     if interaction not in ("create", "update"):
         interaction = _interaction_for_version(version)
-    return [Draft("event", "medplum" if headers.get("x-medplum-subscription") else "resource",
-                  interaction, f"{resource['resourceType']}/{resource['id']}", version, resource)]  # type: ignore[arg-type]
+    return [Draft("event", "medplum" if subscription else "resource", interaction,  # type: ignore[arg-type]
+                  f"{resource['resourceType']}/{resource['id']}", version, resource, subscription=subscription)]
 
 
 # --- Azure Event Grid ------------------------------------------------------------------------------
@@ -336,6 +345,8 @@ def normalize(method: str, path: list[str], body: Any, headers: dict[str, str]) 
         return classic_empty()
     if is_eventgrid(body):
         return eventgrid(body)
+    if headers.get("x-medplum-interaction", "").lower() == "delete":
+        return medplum(body, headers)  # Medplum sends ``{}`` as the body of a delete
     resource = _check_resource(body, "body")
     if resource["resourceType"] == "Bundle":
         btype = resource.get("type")
@@ -345,6 +356,4 @@ def normalize(method: str, path: list[str], body: Any, headers: dict[str, str]) 
             return notification_bundle(resource)
         raise MalformedNotification(f"a Bundle of type {btype!r} without a SubscriptionStatus is not a "
                                     "notification", "Bundle.entry[0]")
-    if "x-medplum-interaction" in headers and headers["x-medplum-interaction"].lower() == "delete":
-        return medplum(body, headers)
     return medplum(resource, headers)

@@ -209,13 +209,16 @@ class Processor:
                 d.resource = fetched
                 d.version = d.version or (str(fetched.get("meta", {}).get("versionId"))
                                           if fetched.get("meta", {}).get("versionId") else None)
+                d.interaction = d.interaction or ("create" if d.version == "1" else "update")
+        d.subscription = _subscription_ref(d.subscription) or (
+            f"Subscription/{hook.remote_id}" if hook.remote_id else None)
         seen_rec = await self.store.get_record(LASTSEEN, f"{hook.source}|{d.focus}")
         seen = seen_rec.data if seen_rec else {}
         key = event_key(hook.source, hook.key, d, seen.get("version"))
         updated = (d.resource or {}).get("meta", {}).get("lastUpdated")
         stale = bool(seen) and is_older(d.version, updated, seen)
         event = {
-            "source": hook.source, "hook": hook.key, "subscription": d.subscription or hook.remote_id,
+            "source": hook.source, "hook": hook.key, "subscription": d.subscription,
             "topic": d.topic or hook.topic, "shape": d.shape, "interaction": d.interaction, "focus": d.focus,
             "version": d.version, "event_number": d.event_number, "timestamp": d.timestamp,
             "resource": d.resource, "previous": None if stale else seen.get("resource"),
@@ -232,7 +235,10 @@ class Processor:
 
     async def _remember(self, hook: Hook, d: Draft, seen_rec: Record | None) -> None:
         """Keep the newest version seen per resource (for %previous and for ordering)."""
-        data = {"version": d.version, "deleted": d.interaction == "delete",
+        version = d.version
+        if version is None and d.interaction == "delete" and seen_rec is not None:
+            version = seen_rec.data.get("version")  # a delete without a version keeps the last one known
+        data = {"version": version, "deleted": d.interaction == "delete",
                 "lastUpdated": (d.resource or {}).get("meta", {}).get("lastUpdated"), "resource": d.resource}
         key = f"{hook.source}|{d.focus}"
         for _ in range(10):
@@ -240,7 +246,7 @@ class Processor:
                 if await self.store.add_record(Record(LASTSEEN, key, state="seen", group=hook.source, data=data)):
                     return
             else:
-                if is_older(d.version, data["lastUpdated"], seen_rec.data):
+                if is_older(version, data["lastUpdated"], seen_rec.data):
                     return  # someone stored a newer one meanwhile
                 seen_rec.data = data
                 if await self.store.save_record(seen_rec):
@@ -272,6 +278,17 @@ class Processor:
             "since": hook.last_event_time or None}))
         if added:
             log.info("gap on hook %s (%s): events %d-%d scheduled for recovery", hook.key, reason, first, last)
+
+
+def _subscription_ref(ref: str | None) -> str | None:
+    """``Subscription/{id}`` for any form a source uses (absolute URL, relative, bare id)."""
+    if not ref:
+        return None
+    try:
+        _, rid, _ = parse_reference(ref if "/" in ref else f"Subscription/{ref}")
+    except MalformedNotification:
+        return ref
+    return f"Subscription/{rid}"
 
 
 def _criteria_params(hook: Hook) -> tuple[str | None, list[tuple[str, str]]]:
