@@ -4,7 +4,8 @@ One ``httpx.AsyncClient`` per source, created by the lifespan and reused (keep-a
 an ``httpx.Auth`` flow: static bearer, basic, or SMART Backend Services, which signs a client assertion
 (RS384/ES384 JWT with PyJWT), exchanges it for an access token at the token URL and refreshes it before it
 expires. httpx errors are translated here, and only here, into ``SourceUnavailable`` (retryable: network
-errors, 5xx, 429) or ``SourceError`` (the source said no: 4xx), each naming the request.
+errors, 5xx, 429, from the source or its token URL) or ``SourceError`` (the source said no: 4xx, or an
+unusable token response), each naming the request or the token URL.
 """
 
 from __future__ import annotations
@@ -74,12 +75,21 @@ class SmartBackendAuth(httpx.Auth):
                 "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
                 "client_assertion": self._assertion()})
             response = yield token_request
+            failed = f"SMART token request to {self.cfg.token_url} failed with {response.status_code}"
+            if response.status_code == 429 or response.status_code >= 500:
+                raise SourceUnavailable(failed)
             if response.status_code != 200:
-                raise SourceError(f"SMART token request to {self.cfg.token_url} failed with {response.status_code}",
-                                  http_status=response.status_code)
-            body = response.json()
-            self.token = body["access_token"]
-            self.expires = time.time() + float(body.get("expires_in", 300))
+                raise SourceError(failed, http_status=response.status_code)
+            try:
+                body = response.json()
+                token, expires_in = body["access_token"], float(body.get("expires_in", 300))
+                if not isinstance(token, str) or not token:
+                    raise ValueError("access_token is not a non-empty string")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise SourceError(f"SMART token response from {self.cfg.token_url} is unusable "
+                                  f"({type(exc).__name__}: {exc})", http_status=response.status_code) from exc
+            self.token = token
+            self.expires = time.time() + expires_in
         request.headers["Authorization"] = f"Bearer {self.token}"
         yield request
 
