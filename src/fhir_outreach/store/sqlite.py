@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE INDEX IF NOT EXISTS history_lu ON history (type, last_updated);
 CREATE TABLE IF NOT EXISTS idx (
     type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, sys TEXT, val TEXT, lo REAL, hi REAL);
-CREATE INDEX IF NOT EXISTS idx_val ON idx (type, param, val);
+CREATE INDEX IF NOT EXISTS idx_val ON idx (type, param, val, sys);
 CREATE INDEX IF NOT EXISTS idx_sys ON idx (type, param, sys);
 CREATE INDEX IF NOT EXISTS idx_lo ON idx (type, param, lo);
 CREATE INDEX IF NOT EXISTS idx_res ON idx (type, id, param);
@@ -71,6 +71,7 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
 # checked per candidate: references and identifiers are usually the most selective.
 _DRIVER_RANK = {"ref": 0, "ref_id": 0, "id": 0, "str_exact": 1, "uri": 1, "token": 2, "str_prefix": 3, "date": 4}
 _MAX_GROUP = 128
+_ESTIMATE_CAP = 10000
 
 
 def path_from_url(url: str) -> Path:
@@ -481,7 +482,7 @@ def _lu_col(name: str) -> str:
     return "r.last_updated" if name == "lo" else "(r.last_updated + 0.001)"
 
 
-def _clause_sql(c: Clause, driver: bool) -> tuple[str, list[Any]]:
+def _clause_sql(c: Clause, driver: bool, type_: str = "") -> tuple[str, list[Any]]:
     if c.param == "_id":
         vals = [p.val for p in c.preds]
         return f"r.id IN ({', '.join('?' * len(vals))})", vals
@@ -495,13 +496,13 @@ def _clause_sql(c: Clause, driver: bool) -> tuple[str, list[Any]]:
     base = "SELECT 1 FROM idx i WHERE i.type = r.type AND i.id = r.id AND i.param = ?"
     if len(c.preds) == 1 and c.preds[0].op == "missing":
         return ("NOT " if c.preds[0].missing else "") + f"EXISTS ({base})", [c.param]
-    if driver:
-        parts, args = [], [c.param]
+    if driver:  # uncorrelated (type bound as a value), so SQLite runs it once and probes resources by key
+        parts, args = [], [type_, c.param]
         for p in c.preds:
             sql, a = _pred_sql(p, _idx_col)
             parts.append(f"({sql})")
             args += a
-        return (f"r.id IN (SELECT i.id FROM idx i WHERE i.type = r.type AND i.param = ? AND "
+        return (f"r.id IN (SELECT i.id FROM idx i WHERE i.type = ? AND i.param = ? AND "
                 f"({' OR '.join(parts)}))"), args
     positive = [p for p in c.preds if not p.date_negate]
     negative = [p for p in c.preds if p.date_negate]
@@ -526,13 +527,29 @@ def _is_driver(c: Clause) -> bool:
             and all(p.op in _DRIVER_RANK and not p.date_negate for p in c.preds))
 
 
-def _where(query: Query) -> tuple[str, list[Any]]:
+def _estimate(conn: sqlite3.Connection, type_: str, c: Clause) -> int:
+    """How many index rows a driver candidate touches (capped): the most selective clause drives."""
+    if c.param == "_id":
+        return len(c.preds)
+    parts, args = [], [type_, c.param]
+    for p in c.preds:
+        sql, a = _pred_sql(p, _idx_col)
+        parts.append(f"({sql})")
+        args += a
+    row = conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM idx i WHERE i.type = ? AND i.param = ? AND "
+                       f"({' OR '.join(parts)}) LIMIT {_ESTIMATE_CAP})", args).fetchone()
+    return int(row[0])
+
+
+def _where(query: Query, conn: sqlite3.Connection | None = None) -> tuple[str, list[Any]]:
     clauses = list(query.clauses)
     drivers = [c for c in clauses if _is_driver(c)]
     driver = min(drivers, key=lambda c: max(_DRIVER_RANK[p.op] for p in c.preds)) if drivers else None
+    if conn is not None and len(drivers) > 1:
+        driver = min(drivers, key=lambda c: _estimate(conn, query.resource_type, c))
     parts, args = ["r.type = ?", "r.deleted = 0"], [query.resource_type]
     if driver is not None:
-        sql, a = _clause_sql(driver, driver=True)
+        sql, a = _clause_sql(driver, driver=True, type_=query.resource_type)
         parts.append(sql)
         args += a
     for c in clauses:
@@ -546,6 +563,8 @@ def _where(query: Query) -> tuple[str, list[Any]]:
 
 def _order(query: Query) -> tuple[str, list[Any]]:
     if not query.sort:
+        if query.clauses:  # unary +: fetch the (few) matches by index, then sort them, rather than
+            return "+r.last_updated DESC, r.id", []  # walking the whole type in date order
         return "r.last_updated DESC, r.id", []
     terms, args = [], []
     for name, desc in query.sort:
@@ -565,7 +584,7 @@ def _order(query: Query) -> tuple[str, list[Any]]:
 
 
 def _search(conn: sqlite3.Connection, query: Query, limit: int | None = None) -> SearchPage:
-    where, args = _where(query)
+    where, args = _where(query, conn)
     total = conn.execute(f"SELECT COUNT(*) FROM resources r WHERE {where}", args).fetchone()[0]
     count = query.count if limit is None else limit
     if query.summary_count or count == 0 or total == 0:
