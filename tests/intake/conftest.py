@@ -7,6 +7,7 @@ is off: tests call ``Env.drain()`` so that processing is deterministic.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,16 @@ class _Lifespan:
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
+async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
+    """The intake app on SQLite, or on MongoDB with ``@pytest.mark.parametrize("env", ["mongo"], indirect=True)``."""
+    kind = getattr(request, "param", "sqlite")
+    store_url = f"sqlite:///{tmp_path}/intake.db"
+    if kind == "mongo":
+        store_url = f"{request.getfixturevalue('mongo_base_url')}/intake{uuid.uuid4().hex[:12]}"
     source_settings = load_settings(store=f"sqlite:///{tmp_path}/source.db", data_dir=tmp_path / "src-data",
                                     auth="off", base_url=SOURCE_BASE)
     source_app = create_app(source_settings, run_background=False)
-    settings = load_settings(store=f"sqlite:///{tmp_path}/intake.db", data_dir=tmp_path / "data",
+    settings = load_settings(store=store_url, data_dir=tmp_path / "data",
                              api_tokens=[TOKEN], base_url="http://outreach.test/fhir",
                              sources=[{"name": "src", "base_url": SOURCE_BASE}],
                              hook_master_key="m" * 40)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.intake.conftest import Env
+
+# Every core behaviour on both stores (MongoDB over the real wire protocol).
+pytestmark = pytest.mark.parametrize("env", ["sqlite", "mongo"], indirect=True)
 
 
 def enc(id_: str, status: str = "finished", version: str = "1", patient: str = "p1") -> dict[str, Any]:
