@@ -117,6 +117,14 @@ def create_app(settings: Settings, store: Store | None = None, *, run_background
     return app
 
 
+def app_from_environment() -> FastAPI:
+    """The app built from FHIR_OUTREACH_* settings: the factory each serve process imports when
+    FHIR_OUTREACH_PROCESSES > 1 (uvicorn starts the processes; the CLI validated the settings first)."""
+    from .settings import load_settings
+
+    return create_app(load_settings())
+
+
 def _allowed_methods(request: Request) -> list[str]:
     """Methods some route accepts at this path (RFC 9110 requires them in a 405's Allow header)."""
     methods = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")

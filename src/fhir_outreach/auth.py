@@ -74,7 +74,11 @@ def ensure_token_file(data_dir: Path) -> tuple[str, bool]:
         return path.read_text().strip(), False
     data_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another serve process of this deployment created it first
+        time.sleep(0.1)
+        return path.read_text().strip(), False
     with os.fdopen(fd, "w") as fh:
         fh.write(token + "\n")
     return token, True

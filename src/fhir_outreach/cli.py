@@ -50,9 +50,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _logging(settings)
-    app = create_app(settings)
-    print(f"fhir-outreach {__version__}: FHIR API on {settings.fhir_base} (store {settings.store})", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    print(f"fhir-outreach {__version__}: FHIR API on {settings.fhir_base} (store {settings.store}, "
+          f"{settings.processes} process{'es' if settings.processes > 1 else ''})", flush=True)
+    if settings.processes == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                    access_log=False)
+        return 0
+    # Several processes: each one builds the app from the same settings, passed on through the environment.
+    os.environ[ENV_PREFIX + "HOST"], os.environ[ENV_PREFIX + "PORT"] = settings.host, str(settings.port)
+    if args.settings:
+        os.environ[ENV_PREFIX + "SETTINGS_FILE"] = args.settings
+    uvicorn.run("fhir_outreach.app:app_from_environment", factory=True, workers=settings.processes,
+                host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     return 0
 
 

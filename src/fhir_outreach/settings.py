@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="SQLite PRAGMA synchronous (FULL fsyncs every group commit)")
     worker_poll_seconds: float = Field(1.0, gt=0, description="How often an idle worker polls the store")
+    processes: int = Field(1, ge=1, le=64, description="Number of serve processes (uvicorn workers) on the port")
     serve_worker: bool = Field(True, description="Run background work (intake processing...) inside serve too")
     sources: list[SourceConfig] = Field(
         default_factory=list, description="Source FHIR servers (JSON list; see 'Source servers')")

@@ -9,6 +9,7 @@ models truncate. Every problem is reported with its element path (``Task.identif
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import orjson
@@ -87,25 +88,37 @@ def _raise(issues: list[dict[str, Any]]) -> None:
     raise InvalidResource(first["diagnostics"] + more, expression=first["expression"], issues=issues[1:])
 
 
-def _check_required(model: BaseModel, path: str, problems: list[dict[str, Any]]) -> None:
-    fields = type(model).model_fields
-    rtype = getattr(model, "get_resource_type", lambda: "")()
-    for name, info in fields.items():
-        if name.endswith("__ext") or len(problems) >= _MAX_ISSUES:
+@functools.cache
+def _field_rules(model_cls: type[BaseModel]) -> tuple[tuple[str, str, bool, tuple[str, ...] | None], ...]:
+    """Per model class, once: (attribute, JSON name, required, closed value set) for every element."""
+    rtype = getattr(model_cls, "get_resource_type", lambda: "")()
+    rules = []
+    for name, info in model_cls.model_fields.items():
+        if name.endswith("__ext"):
             continue
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        value = getattr(model, name, None)
         alias = info.alias or name
-        here = f"{path}.{alias}"
-        if extra.get("element_required") and value is None and getattr(model, name + "__ext", None) is None:
-            problems.append(_issue(here, "element is required (minimum cardinality 1)"))
-            continue
         enum = _COMPLETE_ENUMS.get((rtype, alias)) or extra.get("enum_values")
-        if isinstance(enum, list | tuple) and "+" not in enum and isinstance(value, str) and value not in enum:
-            problems.append(_issue(here, f"{value!r} is not in the required value set ({' | '.join(map(str, enum))})"))
-        if isinstance(value, BaseModel):
-            _check_required(value, here, problems)
+        closed = tuple(map(str, enum)) if isinstance(enum, list | tuple) and "+" not in enum else None
+        rules.append((name, alias, bool(extra.get("element_required")), closed))
+    return tuple(rules)
+
+
+def _check_required(model: BaseModel, path: str, problems: list[dict[str, Any]]) -> None:
+    for name, alias, required, closed in _field_rules(type(model)):
+        if len(problems) >= _MAX_ISSUES:
+            return
+        value = getattr(model, name, None)
+        if value is None:
+            if required and getattr(model, name + "__ext", None) is None:
+                problems.append(_issue(f"{path}.{alias}", "element is required (minimum cardinality 1)"))
+            continue
+        if closed is not None and isinstance(value, str) and value not in closed:
+            problems.append(_issue(f"{path}.{alias}",
+                                   f"{value!r} is not in the required value set ({' | '.join(closed)})"))
+        elif isinstance(value, BaseModel):
+            _check_required(value, f"{path}.{alias}", problems)
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
-                    _check_required(item, f"{here}[{i}]", problems)
+                    _check_required(item, f"{path}.{alias}[{i}]", problems)
