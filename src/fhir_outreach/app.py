@@ -25,6 +25,7 @@ from .api import hooks as hook_routes
 from .api.capability import capability_statement
 from .api.http import fhir_response
 from .api.interactions import Interactions
+from .api.routing import OutreachApp
 from .auth import Authenticator
 from .errors import FhirError, InvalidRequest, MethodNotAllowed, NotFound
 from .intake.service import IntakeService
@@ -71,10 +72,9 @@ def create_app(settings: Settings, store: Store | None = None, *, run_background
             await http.aclose()
             await the_store.close()
 
-    app = FastAPI(title="fhir-outreach", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
-    app.include_router(fhir_routes.router)
-    app.include_router(hook_routes.router)
+    app = OutreachApp(title="fhir-outreach", version=__version__, lifespan=lifespan,
+                      docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    app.use_fast_routes(("/fhir", "/hooks"), [fhir_routes.router, hook_routes.router])
     app.include_router(admin_routes.router)
 
     @app.get("/healthz")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from ..auth import Access, Principal
@@ -19,8 +19,9 @@ from ..fhir.validation import parse_json
 from .bundles import BundleProcessor
 from .http import FHIR_JSON, fhir_response, prefer, read_body, require_json, response_type
 from .interactions import Interactions, Result, check_type
+from .routing import FastRouter
 
-router = APIRouter(prefix="/fhir")
+router = FastRouter(prefix="/fhir")
 
 
 def _ix(request: Request) -> Interactions:

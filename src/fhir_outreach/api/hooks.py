@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import InvalidRequest
@@ -21,8 +21,9 @@ from ..intake import inbox
 from ..intake.hooks import HookRegistry, presented_secret
 from ..intake.normalize import MalformedNotification, normalize
 from .http import fhir_response, read_body
+from .routing import FastRouter
 
-router = APIRouter(prefix="/hooks")
+router = FastRouter(prefix="/hooks")
 
 _ACCEPTED = {"resourceType": "OperationOutcome", "issue": [
     {"severity": "information", "code": "informational", "diagnostics": "notification accepted"}]}
@@ -44,12 +45,12 @@ async def cloudevents_handshake(request: Request, key: str) -> Response:
                                               "Allow": "POST, OPTIONS"})
 
 
-@router.api_route("/{key}", methods=["POST"])
+@router.post("/{key}")
 async def deliver(request: Request, key: str) -> Response:
     return await _deliver(request, key, [])
 
 
-@router.api_route("/{key}/{type_}/{id_}", methods=["POST", "PUT", "DELETE"])
+@router.route("/{key}/{type_}/{id_}", methods=["POST", "PUT", "DELETE"])
 async def deliver_resource(request: Request, key: str, type_: str, id_: str) -> Response:
     return await _deliver(request, key, [type_, id_])
 

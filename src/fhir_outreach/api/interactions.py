@@ -8,9 +8,7 @@ transaction plan every entry first and commit them all-or-nothing.
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +20,7 @@ from ..fhir.paths import compile_path, date_range, entries_for
 from ..fhir.search import Query, parse_query
 from ..fhir.searchparams import RESOURCE_TYPES, params_for
 from ..fhir.validation import validate_resource
+from ..ids import new_id
 from ..store.base import MUST_NOT_EXIST, CommitResult, Store, StoredResource, Write, format_instant
 
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -62,26 +61,7 @@ def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
     return int(m.group(1))
 
 
-class _IdPool:
-    """Random version-4 UUIDs drawn from a buffer of ``os.urandom`` (one syscall per 256 ids, not one each)."""
 
-    def __init__(self) -> None:
-        self._buf = b""
-        self._pos = 0
-
-    def next(self) -> str:
-        if self._pos >= len(self._buf):
-            self._buf, self._pos = os.urandom(16 * 256), 0
-        raw = self._buf[self._pos : self._pos + 16]
-        self._pos += 16
-        return str(uuid.UUID(bytes=raw, version=4))
-
-
-_ids = _IdPool()
-
-
-def new_id() -> str:
-    return _ids.next()
 
 
 def strip_base(url: str, base: str) -> str:

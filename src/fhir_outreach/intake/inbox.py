@@ -9,9 +9,9 @@ piece of evidence; de-duplication happens on the normalised events.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
+from ..ids import new_id
 from ..store import Store
 from ..store.base import Record
 
@@ -29,7 +29,7 @@ def kept_headers(headers: dict[str, str]) -> dict[str, str]:
 async def accept(store: Store, *, hook: str, source: str, method: str, path: list[str], headers: dict[str, str],
                  body: bytes, origin: str = "delivery") -> Record:
     """Durably store a delivery for processing; returns the record (state ``pending``)."""
-    rec = Record(INBOX, uuid.uuid4().hex, state="pending", group=source, due=time.time(), data={
+    rec = Record(INBOX, new_id(), state="pending", group=source, due=time.time(), data={
         "hook": hook, "method": method, "path": path, "headers": kept_headers(headers),
         "body": body.decode("utf-8", errors="replace"), "received": time.time(), "origin": origin})
     await store.add_record(rec)
@@ -39,7 +39,7 @@ async def accept(store: Store, *, hook: str, source: str, method: str, path: lis
 async def reject(store: Store, *, hook: str, source: str, method: str, path: list[str], headers: dict[str, str],
                  body: bytes, reason: str, where: str) -> Record:
     """Keep an unreadable delivery as evidence (state ``rejected``); it is never processed."""
-    rec = Record(INBOX, uuid.uuid4().hex, state="rejected", group=source, data={
+    rec = Record(INBOX, new_id(), state="rejected", group=source, data={
         "hook": hook, "method": method, "path": path, "headers": kept_headers(headers),
         "body": body[:65536].decode("utf-8", errors="replace"), "truncated": len(body) > 65536,
         "received": time.time(), "reason": reason, "where": where})

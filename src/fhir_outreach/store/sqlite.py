@@ -105,22 +105,23 @@ def _dt(epoch: float) -> datetime:
 
 
 class _Job:
-    __slots__ = ("error", "fn", "future", "loop", "result")
+    __slots__ = ("error", "fn", "future", "loop", "result", "single")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any], loop: asyncio.AbstractEventLoop,
-                 future: asyncio.Future[Any]) -> None:
-        self.fn, self.loop, self.future = fn, loop, future
+                 future: asyncio.Future[Any], single: bool) -> None:
+        self.fn, self.loop, self.future, self.single = fn, loop, future, single
         self.result: Any = None
         self.error: BaseException | None = None
 
 
-def _settle(job: _Job) -> None:
-    if job.future.done():
-        return
-    if job.error is not None:
-        job.future.set_exception(job.error)
-    else:
-        job.future.set_result(job.result)
+def _settle(jobs: list[_Job]) -> None:
+    for job in jobs:
+        if job.future.done():
+            continue
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result(job.result)
 
 
 class SqliteStore:
@@ -204,6 +205,13 @@ class SqliteStore:
             with _translate():
                 conn.execute("BEGIN IMMEDIATE")
                 for job in group:
+                    if job.single:  # one statement: atomic by itself, no savepoint needed
+                        try:
+                            with _translate():
+                                job.result = job.fn(conn)
+                        except BaseException as exc:
+                            job.error = exc
+                        continue
                     conn.execute("SAVEPOINT job")
                     try:
                         with _translate():
@@ -219,15 +227,19 @@ class SqliteStore:
             for job in group:
                 if job.error is None:
                     job.error = exc if isinstance(exc, FhirError) else StoreUnavailable(f"commit failed: {exc}")
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         for job in group:
-            job.loop.call_soon_threadsafe(_settle, job)
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():  # one wake-up per event loop, not one per job
+            loop.call_soon_threadsafe(_settle, jobs)
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, single: bool = False) -> T:
+        """Run ``fn`` in the writer thread inside the next group commit (``single``: it is one statement)."""
         if self._writer is None:
             raise StoreUnavailable("store is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(fn, loop, future))
+        self._queue.put(_Job(fn, loop, future, single))
         return await future
 
     def _reader(self) -> sqlite3.Connection:
@@ -364,7 +376,7 @@ class SqliteStore:
                                 record.lease_owner, record.lease_until, moment, moment, orjson.dumps(record.data)))
             return cur.rowcount == 1
 
-        inserted = await self._write(run)
+        inserted = await self._write(run, single=True)
         if inserted:
             record.created = record.updated = moment
             record.rev = 1
@@ -389,7 +401,7 @@ class SqliteStore:
                  moment, orjson.dumps(record.data), record.kind, record.key, record.rev))
             return cur.rowcount == 1
 
-        saved = await self._write(run)
+        saved = await self._write(run, single=True)
         if saved:
             record.rev += 1
             record.updated = moment
