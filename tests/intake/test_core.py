@@ -131,3 +131,19 @@ async def test_unreachable_source_delays_and_never_loses(env: Env, monkeypatch: 
     await env.drain()
     [event] = await env.events()
     assert event.data["focus"] == "Patient/px" and event.data["resource"]["id"] == "px"
+
+
+async def test_classic_hook_applies_the_topic_transition(env: Env) -> None:
+    """Classic criteria (status=finished) re-send every update of a finished Encounter; the hook's topic
+    (encounter-discharged: *became* finished) keeps only the transition as a pending event."""
+    hook = await env.hook(mode="classic", criteria="Encounter?status=finished", trigger="encounter-discharged")
+    headers = {"Authorization": f"Bearer {hook['secret']}"}
+    for version, status in (("1", "in-progress"), ("2", "finished"), ("3", "finished")):
+        resp = await env.hooks.put(f"/hooks/{hook['key']}/Encounter/e7", json=enc("e7", status, version),
+                                   headers=headers)
+        assert resp.status_code == 200
+        await env.drain()
+    states = {e.data["version"]: (e.state, e.data["topic_matched"]) for e in await env.events()}
+    assert states == {"1": ("filtered", False), "2": ("pending", True), "3": ("filtered", False)}
+    [pending] = await env.events("pending")
+    assert pending.data["previous"]["status"] == "in-progress"

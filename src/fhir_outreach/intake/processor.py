@@ -5,7 +5,9 @@ any number of processors may run. For each delivery it re-normalises the raw bod
 draft: reads the resource back from the source when it was not included (that version, when known),
 searches the source for empty pings (``_lastUpdated`` since the hook's checkpoint), drops duplicates by a
 deterministic event key, refuses to roll a resource back (an older version than the last seen one is
-stored as ``superseded`` and not acted on), attaches ``previous`` (the last seen version), updates the
+stored as ``superseded`` and not acted on), attaches ``previous`` (the last seen version), applies the hook's
+topic criteria where the source could not (classic criteria say "is finished", the topic "became
+finished": the rest is stored ``filtered``), updates the
 hook's liveness and detects gaps in event numbers (scheduling a recovery). Every step is idempotent, so a
 crash anywhere is repaired by processing the same inbox item again after its lease expires. A source that
 cannot be reached delays the item with backoff; nothing is dropped.
@@ -22,11 +24,13 @@ from typing import Any
 import orjson
 
 from ..fhir.client import SourceClients, SourceError, SourceUnavailable
+from ..fhir.fhirpath import FhirPathError, evaluate_boolean
 from ..store import Store
 from ..store.base import Record
 from .hooks import Hook, HookRegistry
 from .inbox import INBOX
 from .normalize import Draft, MalformedNotification, normalize, parse_reference
+from .topics import Topic, load_topics
 
 log = logging.getLogger("fhir_outreach.intake")
 
@@ -83,6 +87,7 @@ class Processor:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.backoff = backoff or Backoff()
+        self._topics: dict[str, Topic] | None = None
 
     async def run_once(self, limit: int = 50) -> int:
         """Process up to ``limit`` due inbox items; returns how many were claimed."""
@@ -225,13 +230,36 @@ class Processor:
             "context": d.context, "inbox": rec.key, "received": rec.data.get("received"),
             "patient": _patient_of(d),
         }
-        state = "superseded" if stale else "pending"
+        matched, why = (None, None) if stale else self._topic_verdict(hook, d, seen.get("resource"))
+        event["topic_matched"], event["topic_note"] = matched, why
+        state = "superseded" if stale else "filtered" if matched is False else "pending"
         await self.store.add_record(Record(EVENT, key, state=state, group=hook.source, data=event))
         if not stale:  # also after a duplicate: a crash may have come between the two writes
             await self._remember(hook, d, seen_rec)
         if d.event_number is not None:
             await self._numbering(hook, d)
         return key
+
+    def _topic_verdict(self, hook: Hook, d: Draft, previous: dict[str, Any] | None) -> tuple[bool | None, str | None]:
+        """Whether a change is what the hook's topic is about. A topic-based source has already decided
+        (None); for classic criteria, Medplum and Event Grid we apply the topic's interactions and its
+        FHIRPath on ``%current``/``%previous`` here (e.g. "became finished", not "is finished")."""
+        if hook.mode == "topic" or not hook.trigger:
+            return None, None
+        if self._topics is None:
+            self._topics = load_topics()
+        topic = self._topics.get(hook.trigger)
+        if topic is None:
+            return None, None
+        if d.interaction not in topic.interactions:
+            return False, f"{d.interaction} is not an interaction of topic {topic.name}"
+        if not topic.fhirpath or d.resource is None:
+            return True, None
+        try:
+            ok = evaluate_boolean(topic.fhirpath, d.resource, {"current": d.resource, "previous": previous})
+        except FhirPathError as exc:  # recorded on the event; the change is kept for journeys to judge
+            return None, exc.diagnostics
+        return bool(ok), None if ok else f"topic {topic.name} criteria not met"
 
     async def _remember(self, hook: Hook, d: Draft, seen_rec: Record | None) -> None:
         """Keep the newest version seen per resource (for %previous and for ordering)."""
