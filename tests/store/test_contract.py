@@ -327,3 +327,13 @@ async def test_records_list_and_count(store: Store) -> None:
     assert [r.key for r in await store.list_records("inbox", group="hapi", limit=1, offset=1)] == ["a"]
     assert await store.count_records("inbox") == {("hapi", "pending"): 1, ("hapi", "rejected"): 1,
                                                   ("medplum", "pending"): 1}
+
+
+async def test_records_concurrent_adds_of_one_key_insert_once(store: Store) -> None:
+    from fhir_outreach.store.base import Record
+
+    results = await asyncio.gather(*(store.add_record(Record("event", "same", data={"n": i})) for i in range(12)),
+                                   *(store.add_record(Record("event", f"other-{i}")) for i in range(12)))
+    assert results[:12].count(True) == 1 and all(results[12:])
+    got = await store.get_record("event", "same")
+    assert got is not None and got.data == {"n": results[:12].index(True)}

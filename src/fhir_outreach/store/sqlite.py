@@ -105,13 +105,40 @@ def _dt(epoch: float) -> datetime:
 
 
 class _Job:
-    __slots__ = ("error", "fn", "future", "loop", "result", "single")
+    __slots__ = ("error", "fn", "future", "loop", "result", "row", "single")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], loop: asyncio.AbstractEventLoop,
-                 future: asyncio.Future[Any], single: bool) -> None:
-        self.fn, self.loop, self.future, self.single = fn, loop, future, single
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any] | None, loop: asyncio.AbstractEventLoop,
+                 future: asyncio.Future[Any], single: bool, row: tuple[Any, ...] | None = None) -> None:
+        self.fn, self.loop, self.future, self.single, self.row = fn, loop, future, single, row
         self.result: Any = None
         self.error: BaseException | None = None
+
+
+_INSERT_RECORD = "INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)"
+
+
+def _insert_records(conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+    """All record inserts of a group in two statements (each statement costs a GIL hand-off, and the
+    writer competes with the event loop for it). Inside the group's transaction no other writer runs, so
+    "which keys exist" is exact; the first job for a key wins, like one INSERT OR IGNORE after another."""
+    wanted: dict[tuple[str, str], _Job] = {}
+    for job in jobs:
+        assert job.row is not None
+        wanted.setdefault((job.row[0], job.row[1]), job)
+    existing: set[tuple[str, str]] = set()
+    for kind in {k for k, _ in wanted}:
+        keys = [key for k, key in wanted if k == kind]
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            marks = ", ".join("?" * len(part))
+            existing.update((kind, key) for (key,) in conn.execute(
+                f"SELECT key FROM records WHERE kind = ? AND key IN ({marks})", [kind, *part]))
+    fresh = [job for k, job in wanted.items() if k not in existing]
+    conn.executemany(_INSERT_RECORD, [job.row for job in fresh if job.row is not None])
+    for job in jobs:
+        job.result = False
+    for job in fresh:
+        job.result = True
 
 
 def _settle(jobs: list[_Job]) -> None:
@@ -204,18 +231,28 @@ class SqliteStore:
         try:
             with _translate():
                 conn.execute("BEGIN IMMEDIATE")
+                inserts = [job for job in group if job.row is not None]
+                if inserts:
+                    try:
+                        with _translate():
+                            _insert_records(conn, inserts)
+                    except BaseException as exc:
+                        for job in inserts:
+                            job.error = exc
                 for job in group:
+                    if job.row is not None:
+                        continue
                     if job.single:  # one statement: atomic by itself, no savepoint needed
                         try:
                             with _translate():
-                                job.result = job.fn(conn)
+                                job.result = job.fn(conn)  # type: ignore[misc]
                         except BaseException as exc:
                             job.error = exc
                         continue
                     conn.execute("SAVEPOINT job")
                     try:
                         with _translate():
-                            job.result = job.fn(conn)
+                            job.result = job.fn(conn)  # type: ignore[misc]
                     except BaseException as exc:
                         job.error = exc
                         conn.execute("ROLLBACK TO job")
@@ -370,13 +407,14 @@ class SqliteStore:
     async def add_record(self, record: Record, *, now: float | None = None) -> bool:
         moment = time.time() if now is None else now
 
-        def run(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute("INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
-                               (record.kind, record.key, record.state, record.group, record.due, record.attempts,
-                                record.lease_owner, record.lease_until, moment, moment, orjson.dumps(record.data)))
-            return cur.rowcount == 1
-
-        inserted = await self._write(run, single=True)
+        row = (record.kind, record.key, record.state, record.group, record.due, record.attempts,
+               record.lease_owner, record.lease_until, moment, moment, orjson.dumps(record.data))
+        if self._writer is None:
+            raise StoreUnavailable("store is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._queue.put(_Job(None, loop, future, True, row))
+        inserted = await future
         if inserted:
             record.created = record.updated = moment
             record.rev = 1
