@@ -54,8 +54,8 @@ CREATE INDEX IF NOT EXISTS history_lu ON history (type, last_updated);
 CREATE TABLE IF NOT EXISTS idx (
     type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, sys TEXT, val TEXT, lo REAL, hi REAL);
 CREATE INDEX IF NOT EXISTS idx_val ON idx (type, param, val, sys);
-CREATE INDEX IF NOT EXISTS idx_sys ON idx (type, param, sys);
-CREATE INDEX IF NOT EXISTS idx_lo ON idx (type, param, lo);
+CREATE INDEX IF NOT EXISTS idx_sys ON idx (type, param, sys) WHERE sys IS NOT NULL;
+CREATE INDEX IF NOT EXISTS idx_lo ON idx (type, param, lo) WHERE lo IS NOT NULL;
 CREATE INDEX IF NOT EXISTS idx_res ON idx (type, id, param);
 CREATE TABLE IF NOT EXISTS records (
     kind TEXT NOT NULL, key TEXT NOT NULL, state TEXT NOT NULL, grp TEXT NOT NULL, due REAL NOT NULL,
@@ -304,9 +304,13 @@ class SqliteStore:
     async def commit(self, writes: Sequence[Write], *, now: datetime | None = None) -> list[CommitResult]:
         moment = now or utcnow()
         prepared = [prepare(w, self.base_url) for w in writes]
-        return await self._write(lambda conn: [self._apply(conn, w, moment) for w in prepared])
+        # Index rows are built here, on the caller's thread, so the writer thread mostly runs SQL.
+        rows = [[(w.type, w.id, e.param, e.sys, e.val, e.lo, e.hi) for e in w.index] for w in prepared]
+        return await self._write(lambda conn: [self._apply(conn, w, r, moment) for w, r in zip(prepared, rows,
+                                                                                                strict=True)])
 
-    def _apply(self, conn: sqlite3.Connection, w: Write, now: datetime) -> CommitResult:
+    def _apply(self, conn: sqlite3.Connection, w: Write, idx_rows: list[tuple[Any, ...]],
+               now: datetime) -> CommitResult:
         if w.if_none_exist is not None:
             found = check_planned_condition(w, _search(conn, w.if_none_exist, limit=2).resources)
             if found is not None:
@@ -334,13 +338,15 @@ class SqliteStore:
         body = stamp(w.resource, w.id, version, now)
         blob = orjson.dumps(body)
         method: Method = "update" if live else "create"
-        conn.execute("INSERT OR REPLACE INTO resources VALUES (?, ?, ?, ?, 0, ?)",
-                     (w.type, w.id, version, ts, blob))
+        if row is None:
+            conn.execute("INSERT INTO resources VALUES (?, ?, ?, ?, 0, ?)", (w.type, w.id, version, ts, blob))
+        else:
+            conn.execute("UPDATE resources SET version = ?, last_updated = ?, deleted = 0, body = ? "
+                         "WHERE type = ? AND id = ?", (version, ts, blob, w.type, w.id))
         conn.execute("INSERT INTO history VALUES (?, ?, ?, ?, ?, ?)", (w.type, w.id, version, ts, method, blob))
         if live:
             conn.execute("DELETE FROM idx WHERE type = ? AND id = ?", (w.type, w.id))
-        conn.executemany("INSERT INTO idx VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         [(w.type, w.id, e.param, e.sys, e.val, e.lo, e.hi) for e in w.index])
+        conn.executemany("INSERT INTO idx VALUES (?, ?, ?, ?, ?, ?, ?)", idx_rows)
         return CommitResult(StoredResource(w.type, w.id, version, now, False, body, method), created=not live)
 
     # --- reads ------------------------------------------------------------------------------------
