@@ -21,7 +21,10 @@ store grows by adding patients and every fully-populated patient has ~100 Tasks 
 checkpoint: the search result size stays constant and only the store size changes.
 
 The client runs on the same machine as the server (and nx-27017): all compete for the same cores. The
-script reports the CPU time the client, the server and nx-27017 used in each phase.
+script reports the CPU time the client, the server, nx-27017 and everything else used in each phase. The client
+is httpx (one single-connection ``AsyncClient`` per in-flight slot, see ``Bench.client``); ``--client raw``
+swaps in a minimal asyncio HTTP/1.1 client that costs ~10x less CPU per request, to show the server's own
+capacity on a small machine. ``--profile`` records the server with py-spy during chosen phases.
 
 Every process the script starts binds to 127.0.0.1 and is stopped on exit, error or Ctrl-C.
 
@@ -35,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 import json
 import os
 import platform
@@ -54,6 +58,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import orjson
@@ -116,7 +121,7 @@ class Processes:
 
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS / VmHWM (kB) from /proc/<pid>/status."""
-    out = {}
+    out = {"VmRSS": 0, "VmHWM": 0}
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             key, _, rest = line.partition(":")
@@ -125,32 +130,102 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (``fhir-outreach serve`` with FHIR_OUTREACH_PROCESSES > 1 runs its
+    workers as children), found by scanning /proc for parent ids."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo and len(out) < 1000:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parents.get(p, []))
+    return out
+
+
+def tree_memory_mb(pid: int) -> dict[str, float]:
+    """RSS and peak RSS (VmHWM) summed over the process tree, in MB."""
+    rss = hwm = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            st = proc_status(p)
+            rss += st["VmRSS"]
+            hwm += st["VmHWM"]
+    return {"rss_mb": round(rss / 1024, 1), "peak_mb": round(hwm / 1024, 1)}
+
+
 def rss_mb(pid: int) -> float:
-    return round(proc_status(pid)["VmRSS"] / 1024, 1)
+    return tree_memory_mb(pid)["rss_mb"]
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """utime + stime (+ reaped children's) of a process tree, all threads, in seconds."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])
+    return total / CLK_TCK
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of one process ("main" is the thread whose id is the pid)."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+                name = "main" if tid == str(pid) else f"thread-{tid}"
+                out[name] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy (not idle/iowait) since boot, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        vals = [int(x) for x in fh.readline().split()[1:]]
+    return (sum(vals[:8]) - vals[3] - vals[4]) / CLK_TCK
 
 
 class CpuMeter:
-    """CPU seconds used by the client (this process) and the server processes over one phase."""
+    """CPU used over one phase (100% = one core) by the client (this process), the server processes, and by
+    everything else on the machine (other users' work competes for the same cores)."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.t0 = time.perf_counter()
         self.client0 = time.process_time()
+        self.busy0 = machine_busy_seconds()
         self.start = {k: cpu_seconds(p) for k, p in pids.items()}
+        self.threads0 = thread_cpu_seconds(pids["server"]) if "server" in pids else {}
 
-    def result(self) -> dict[str, float]:
+    def result(self, requests: int = 0) -> dict[str, float]:
         wall = time.perf_counter() - self.t0
-        out = {"wall_s": round(wall, 2),
-               "client_cpu_pct": round(100 * (time.process_time() - self.client0) / wall, 1)}
+        client = time.process_time() - self.client0
+        out = {"wall_s": round(wall, 2), "client_cpu_pct": round(100 * client / wall, 1)}
+        ours = client
         for k, p in self.pids.items():
-            out[f"{k}_cpu_pct"] = round(100 * (cpu_seconds(p) - self.start[k]) / wall, 1)
+            used = cpu_seconds(p) - self.start[k]
+            ours += used
+            out[f"{k}_cpu_pct"] = round(100 * used / wall, 1)
+            if requests and k == "server":
+                out["server_cpu_ms_per_request"] = round(1000 * used / requests, 3)
+        if requests:
+            out["client_cpu_ms_per_request"] = round(1000 * client / requests, 3)
+        out["other_processes_cpu_pct"] = round(max(0.0, 100 * (machine_busy_seconds() - self.busy0 - ours) / wall), 1)
+        if self.threads0:  # the server's busiest threads: is one of them (the event loop) saturated?
+            now = thread_cpu_seconds(self.pids["server"])
+            used = {k: 100 * (v - self.threads0.get(k, 0.0)) / wall for k, v in now.items()}
+            out["server_threads_cpu_pct"] = {k: round(v, 1) for k, v in
+                                             sorted(used.items(), key=lambda kv: -kv[1])[:4] if v >= 1.0}
         return out
 
 
@@ -232,6 +307,8 @@ def start_stack(kind: str, procs: Processes, work: Path, args: argparse.Namespac
     })
     if kind == "sqlite" and args.sqlite_synchronous:
         env["FHIR_OUTREACH_SQLITE_SYNCHRONOUS"] = args.sqlite_synchronous
+    if args.processes:
+        env["FHIR_OUTREACH_PROCESSES"] = str(args.processes)
     log = work / "server.log"
     proc = procs.start("fhir-outreach", [*SERVE, "--host", "127.0.0.1", "--port", str(port)], env, log)
     wait_healthy(f"http://127.0.0.1:{port}/healthz", proc, log)
@@ -247,14 +324,15 @@ class Profiler:
         self.summaries: dict[str, Any] = {}
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str, label: str = "") -> Iterator[None]:
         if name not in self.phases:
             yield
             return
+        key = f"{name}-{label}" if label else name
         pyspy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
         if pyspy is None:
             raise RuntimeError("--profile needs py-spy (/work/venv/bin/pip install py-spy)")
-        out = self.out_dir / f"profile-{self.tag}-{self.server.store}-{name}.txt"
+        out = self.out_dir / f"profile-{self.tag}-{self.server.store}-{key}.txt"
         proc = self.procs.start("py-spy", [pyspy, "record", "--pid", str(self.server.pid), "--rate", "200",
                                            "--format", "raw", "--threads", "--output", str(out), "--nonblocking"],
                                 os.environ.copy(), out.with_suffix(".log"))
@@ -270,8 +348,8 @@ class Profiler:
                     self.procs.stop(proc)
             self.procs.procs = [(n, p) for n, p in self.procs.procs if p is not proc]
             if out.exists():
-                self.files[name] = str(out)
-                self.summaries[name] = summarise_profile(out)
+                self.files[key] = str(out)
+                self.summaries[key] = summarise_profile(out)
 
 
 def summarise_profile(path: Path, top: int = 25) -> dict[str, Any]:
@@ -302,9 +380,12 @@ def summarise_profile(path: Path, top: int = 25) -> dict[str, Any]:
 
 
 def _frame_name(frame: str) -> str:
-    # "function (path/to/file.py:123)" -> "function (file.py)" with the package-relative path kept short
+    # "function (path/to/file.py:123)" -> "function (file.py)", short path; the project's own frames keep
+    # their line number (py-spy charges time in C, e.g. sqlite3, to the calling Python line)
     name, _, where = frame.partition(" (")
-    where = where.rstrip(")").rsplit(":", 1)[0]
+    where = where.rstrip(")")
+    if "fhir_outreach/" not in where:
+        where = where.rsplit(":", 1)[0]
     for marker in ("site-packages/", "/src/", "/lib/python3.11/"):
         if marker in where:
             where = where.split(marker, 1)[1]
@@ -344,6 +425,81 @@ class Workload:
         return sum(1 for i in range(lo, min(lo + TASKS_PER_PATIENT, upto)) if self.status[i] == status)
 
 
+class RawResponse:
+    __slots__ = ("content", "headers", "status_code")
+
+    def __init__(self, status: int, headers: dict[str, str], content: bytes) -> None:
+        self.status_code, self.headers, self.content = status, headers, content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+
+class RawClient:
+    """``--client raw``: a minimal keep-alive HTTP/1.1 client on asyncio streams (one connection), with the
+    same ``get``/``post`` surface the benchmark uses. It spends far less CPU per request than httpx, so on a
+    small machine it shows what the server can do when the load generator is not the bottleneck. It speaks
+    only what this server answers (Content-Length bodies); anything else is an error."""
+
+    def __init__(self, base_url: str, headers: dict[str, str]) -> None:
+        parts = urlsplit(base_url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.fixed = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{self.host}:{self.port}", **headers}.items())
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.last_used = 0.0
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+    async def request(self, method: str, path: str, body: bytes = b"",
+                      headers: dict[str, str] | None = None) -> RawResponse:
+        # The server closes idle keep-alive connections (uvicorn: after 5 s), e.g. while a checkpoint runs
+        # its sequential searches: reconnect before sending rather than ever retrying a request.
+        if self.reader is None or self.reader.at_eof() or time.monotonic() - self.last_used > 1.0:
+            await self._close()
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None and self.writer is not None
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        head = f"{method} {path} HTTP/1.1\r\n{self.fixed}{extra}Content-Length: {len(body)}\r\n\r\n"
+        self.writer.write(head.encode() + body)
+        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 120)
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        hdrs = {}
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(":")
+                hdrs[k.strip().lower()] = v.strip()
+        if "content-length" not in hdrs and status not in (204, 304):
+            raise RuntimeError(f"--client raw needs Content-Length responses; got headers {hdrs}")
+        content = await self.reader.readexactly(int(hdrs.get("content-length", "0")))
+        self.last_used = time.monotonic()
+        if hdrs.get("connection", "").lower() == "close":
+            await self._close()
+        return RawResponse(status, hdrs, content)
+
+    async def get(self, path: str, params: dict[str, str] | None = None) -> RawResponse:
+        return await self.request("GET", f"{path}?{urlencode(params)}" if params else path)
+
+    async def post(self, path: str, content: bytes, headers: dict[str, str] | None = None) -> RawResponse:
+        return await self.request("POST", path, content, headers)
+
+
+CLIENT_ERRORS = (httpx.HTTPError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, RuntimeError)
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
@@ -367,15 +523,15 @@ class Errors:
             self.samples.append(text[:300])
 
 
-async def run_pool(n_workers: int, items: list[Any], fn: Any) -> None:
-    """Run ``fn(item)`` for every item with ``n_workers`` in flight (bounded: each item once)."""
+async def run_pool(clients: list[Any], items: list[Any], fn: Any) -> None:
+    """Run ``fn(client, item)`` for every item, one request in flight per client (each item once)."""
     it = iter(items)
 
-    async def worker() -> None:
+    async def worker(client: Any) -> None:
         for item in it:
-            await fn(item)
+            await fn(client, item)
 
-    await asyncio.gather(*(worker() for _ in range(min(n_workers, max(1, len(items))))))
+    await asyncio.gather(*(worker(c) for c in clients))
 
 
 class Bench:
@@ -386,10 +542,15 @@ class Bench:
         self.rng = random.Random(args.seed + 1)
         self.pids = {"server": server.pid, **server.extra_pids}
 
-    def client(self, connections: int) -> httpx.AsyncClient:
+    def client(self) -> Any:
+        """One keep-alive connection per client: httpx's pool costs more CPU per request the more
+        connections one client holds (measured here: 1.3 ms/request at 1 connection, 3.3 ms at 32), so
+        each in-flight slot gets its own single-connection client."""
+        if self.args.client == "raw":
+            return RawClient(self.s.url, {"Authorization": f"Bearer {self.s.token}", "Accept": FHIR_JSON})
         return httpx.AsyncClient(
             base_url=self.s.url, timeout=httpx.Timeout(120.0),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             headers={"Authorization": f"Bearer {self.s.token}", "Accept": FHIR_JSON})
 
     def memory(self) -> dict[str, float]:
@@ -398,15 +559,17 @@ class Bench:
             out[f"{name}_rss_mb"] = rss_mb(pid)
         return out
 
-    async def creates(self, client: httpx.AsyncClient, lo: int, hi: int) -> dict[str, Any]:
+    async def creates(self, clients: list[Any], lo: int, hi: int) -> dict[str, Any]:
         lat: list[float] = []
+        ok = 0
 
-        async def one(i: int) -> None:
+        async def one(client: Any, i: int) -> None:
+            nonlocal ok
             body = orjson.dumps(self.w.task(i))
             t = time.perf_counter()
             try:
                 r = await client.post("/fhir/Task", content=body, headers={"Content-Type": FHIR_JSON})
-            except httpx.HTTPError as exc:
+            except CLIENT_ERRORS as exc:
                 self.errors.add(f"create {i}: {exc!r}")
                 return
             lat.append(time.perf_counter() - t)
@@ -414,21 +577,22 @@ class Bench:
                 self.errors.add(f"create {i}: {r.status_code} {r.text}")
                 return
             self.ids[i] = r.headers["location"].split("/_history/")[0].rsplit("/", 1)[1]
+            ok += 1
 
         cpu = CpuMeter(self.pids)
         t0 = time.perf_counter()
-        await run_pool(self.args.concurrency, list(range(lo, hi)), one)
+        await run_pool(clients, list(range(lo, hi)), one)
         wall = time.perf_counter() - t0
-        return {"from": lo, "to": hi, "seconds": round(wall, 2), "creates_per_s": round((hi - lo) / wall, 1),
-                "latency": percentiles(lat), "cpu": cpu.result()}
+        return {"from": lo, "to": hi, "created": ok, "seconds": round(wall, 2),
+                "creates_per_s": round(ok / wall, 1), "latency": percentiles(lat), "cpu": cpu.result(max(ok, 1))}
 
-    async def batches(self, client: httpx.AsyncClient, lo: int, hi: int) -> dict[str, Any]:
+    async def batches(self, clients: list[Any], lo: int, hi: int) -> dict[str, Any]:
         size = self.args.batch_size
         chunks = [(a, min(a + size, hi)) for a in range(lo, hi, size)]
         lat: list[float] = []
         created = 0
 
-        async def one(chunk: tuple[int, int]) -> None:
+        async def one(client: Any, chunk: tuple[int, int]) -> None:
             nonlocal created
             a, b = chunk
             bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
@@ -436,7 +600,7 @@ class Bench:
             t = time.perf_counter()
             try:
                 r = await client.post("/fhir", content=orjson.dumps(bundle), headers={"Content-Type": FHIR_JSON})
-            except httpx.HTTPError as exc:
+            except CLIENT_ERRORS as exc:
                 self.errors.add(f"batch {a}: {exc!r}")
                 return
             lat.append(time.perf_counter() - t)
@@ -453,34 +617,38 @@ class Bench:
 
         cpu = CpuMeter(self.pids)
         t0 = time.perf_counter()
-        await run_pool(self.args.batch_concurrency, chunks, one)
+        await run_pool(clients[: self.args.batch_concurrency], chunks, one)
         wall = time.perf_counter() - t0
         return {"from": lo, "to": hi, "bundles": len(chunks), "bundle_size": size,
                 "bundle_concurrency": self.args.batch_concurrency, "created": created, "seconds": round(wall, 2),
-                "creates_per_s": round(created / wall, 1), "bundle_latency": percentiles(lat), "cpu": cpu.result()}
+                "creates_per_s": round(created / wall, 1), "bundle_latency": percentiles(lat), "cpu": cpu.result(created)}
 
-    async def reads(self, client: httpx.AsyncClient, upto: int) -> dict[str, Any]:
+    async def reads(self, clients: list[Any], upto: int) -> dict[str, Any]:
         pool = [x for x in self.ids[:upto] if x is not None]
         sample = [self.rng.choice(pool) for _ in range(self.args.reads)]
         lat: list[float] = []
+        ok = 0
 
-        async def one(rid: str) -> None:
+        async def one(client: Any, rid: str) -> None:
+            nonlocal ok
             t = time.perf_counter()
             try:
                 r = await client.get(f"/fhir/Task/{rid}")
-            except httpx.HTTPError as exc:
+            except CLIENT_ERRORS as exc:
                 self.errors.add(f"read {rid}: {exc!r}")
                 return
             lat.append(time.perf_counter() - t)
             if r.status_code != 200:
                 self.errors.add(f"read {rid}: {r.status_code} {r.text}")
+                return
+            ok += 1
 
         cpu = CpuMeter(self.pids)
         t0 = time.perf_counter()
-        await run_pool(self.args.concurrency, sample, one)
+        await run_pool(clients, sample, one)
         wall = time.perf_counter() - t0
-        return {"reads": len(sample), "seconds": round(wall, 2), "reads_per_s": round(len(sample) / wall, 1),
-                "latency": percentiles(lat), "cpu": cpu.result()}
+        return {"reads": len(sample), "ok": ok, "seconds": round(wall, 2), "reads_per_s": round(ok / wall, 1),
+                "latency": percentiles(lat), "cpu": cpu.result(max(ok, 1))}
 
     async def searches(self, upto: int, n: int) -> dict[str, Any]:
         """Sequential patient+status searches (one connection, one request at a time)."""
@@ -488,10 +656,13 @@ class Bench:
         lat: list[float] = []
         totals: list[int] = []
         checked = mismatches = 0
-        async with self.client(1) as client:
+        async with self.client() as client:
             await client.get("/fhir/Task", params={"patient": "Patient/p0", "status": "requested"})  # warm
             cpu = CpuMeter(self.pids)
+            deadline = time.monotonic() + self.args.search_budget
             for k in range(n):
+                if time.monotonic() > deadline:
+                    break
                 p = self.rng.randrange(patients)
                 t = time.perf_counter()
                 r = await client.get("/fhir/Task", params={"patient": f"Patient/p{p}", "status": "requested"})
@@ -506,45 +677,50 @@ class Bench:
                     mismatches += total != self.w.expected(p, "requested", upto)
         return {"store_tasks": upto, "patients": patients, **percentiles(lat),
                 "mean_matches": round(statistics.fmean(totals), 1) if totals else 0,
-                "spot_checked": checked, "spot_mismatches": mismatches, "cpu": cpu.result()}
+                "spot_checked": checked, "spot_mismatches": mismatches, "cpu": cpu.result(len(lat)),
+                "stopped_by_budget": len(lat) < n}
 
     async def run(self) -> dict[str, Any]:
         n, args = self.args.tasks, self.args
         res: dict[str, Any] = {"memory": {"start": self.memory()}, "create_segments": [], "search": {}}
+        self.partial = res  # what was measured before a failure is still reported
         done = 0
         create_seconds = 0.0
-        async with self.client(args.concurrency) as client:
-            with self.prof.phase("creates"):
-                for frac in CHECKPOINTS:
-                    target = int(round(n * frac))
-                    if target <= done:
-                        continue
-                    seg = await self.creates(client, done, target)
-                    res["create_segments"].append(seg)
-                    create_seconds += seg["seconds"]
-                    done = target
-                    label = f"{int(frac * 100)}%"
-                    res["memory"][label] = self.memory()
-                    with self.prof.phase("search"):
-                        res["search"][label] = await self.searches(done, args.searches)
-                    log(f"  [{self.s.store}] {done:>7} tasks: {seg['creates_per_s']:.0f} creates/s in segment, "
-                        f"search p95 {res['search'][label].get('p95_ms')} ms, "
-                        f"server RSS {res['memory'][label]['server_rss_mb']} MB, errors {self.errors.count}")
-            res["creates"] = {"tasks": n, "seconds": round(create_seconds, 2),
-                              "creates_per_s": round(n / create_seconds, 1), "concurrency": args.concurrency}
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(self.client()) for _ in range(args.concurrency)]
+            for frac in CHECKPOINTS:
+                target = round(n * frac)
+                if target <= done:
+                    continue
+                label = f"{int(frac * 100)}%"
+                with self.prof.phase("creates", f"to{int(frac * 100)}pct"):
+                    seg = await self.creates(clients, done, target)
+                res["create_segments"].append(seg)
+                create_seconds += seg["seconds"]
+                done = target
+                res["memory"][label] = self.memory()
+                with self.prof.phase("search", f"at{int(frac * 100)}pct"):
+                    res["search"][label] = await self.searches(done, args.searches)
+                log(f"  [{self.s.store}] {done:>7} tasks: {seg['creates_per_s']:.0f} creates/s in segment, "
+                    f"search p95 {res['search'][label].get('p95_ms')} ms (n={res['search'][label].get('n')}), "
+                    f"server RSS {res['memory'][label]['server_rss_mb']} MB, errors {self.errors.count}")
+            created = sum(seg["created"] for seg in res["create_segments"])
+            res["creates"] = {"tasks": n, "created": created, "seconds": round(create_seconds, 2),
+                              "creates_per_s": round(created / create_seconds, 1), "concurrency": args.concurrency,
+                              "client": args.client}
             with self.prof.phase("reads"):
-                res["reads"] = await self.reads(client, n)
+                res["reads"] = await self.reads(clients, n)
             log(f"  [{self.s.store}] reads: {res['reads']['reads_per_s']:.0f}/s")
             if args.batch_tasks:
                 with self.prof.phase("batch"):
-                    res["batch"] = await self.batches(client, n, n + args.batch_tasks)
+                    res["batch"] = await self.batches(clients, n, n + args.batch_tasks)
                 res["memory"]["after_batch"] = self.memory()
                 log(f"  [{self.s.store}] batch: {res['batch']['creates_per_s']:.0f} creates/s "
                     f"({args.batch_tasks} Tasks in Bundles of {args.batch_size})")
-        st = proc_status(self.s.pid)
-        res["memory"]["server_peak_vmhwm_mb"] = round(st["VmHWM"] / 1024, 1)
+        res["memory"]["server_processes"] = len(process_tree(self.s.pid))
+        res["memory"]["server_peak_vmhwm_mb"] = tree_memory_mb(self.s.pid)["peak_mb"]
         for name, pid in self.s.extra_pids.items():
-            res["memory"][f"{name}_peak_vmhwm_mb"] = round(proc_status(pid)["VmHWM"] / 1024, 1)
+            res["memory"][f"{name}_peak_vmhwm_mb"] = tree_memory_mb(pid)["peak_mb"]
         rss = [res["memory"][k]["server_rss_mb"] for k in ("10%", "100%") if k in res["memory"]]
         if len(rss) == 2:
             res["memory"]["growth_10_to_100_mb"] = round(rss[1] - rss[0], 1)
@@ -559,8 +735,9 @@ def log(msg: str) -> None:
 
 # --- SQLite query plan ---------------------------------------------------------------------------------
 
-def sqlite_plan(db: Path, base_url: str) -> dict[str, Any]:
-    """EXPLAIN QUERY PLAN of the SQL the SQLite store runs for the patient+status search.
+def sqlite_plan(db: Path, base_url: str, patients: int) -> dict[str, Any]:
+    """EXPLAIN QUERY PLAN of the SQL the SQLite store runs for the patient+status search, and its median
+    time run directly on the database (no HTTP) for 20 random patients.
 
     The SQL is built with the store's own (private) helpers so it is exactly what the server executes; if
     they change shape, the plan is reported as unavailable rather than guessed."""
@@ -570,19 +747,31 @@ def sqlite_plan(db: Path, base_url: str) -> dict[str, Any]:
 
         q = parse_query("Task", [("patient", "Patient/p1"), ("status", "requested")], strict=True,
                         base_url=base_url, default_count=50, max_count=1000)
-        where, args = st._where(q)
-        order, order_args = st._order(q)
-        sqls = {"count": (f"SELECT COUNT(*) FROM resources r WHERE {where}", args),
-                "page": (f"SELECT r.id, r.version, r.last_updated, r.body FROM resources r WHERE {where} "
-                         f"ORDER BY {order} LIMIT ? OFFSET ?", [*args, *order_args, 50, 0])}
-    except Exception as exc:  # noqa: BLE001 - diagnostics only
-        return {"error": f"could not build the store's SQL: {exc!r}"}
+    except Exception as exc:  # diagnostics only
+        return {"error": f"could not parse the query: {exc!r}"}
     out: dict[str, Any] = {}
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
+        try:
+            takes_conn = len(inspect.signature(st._where).parameters) > 1  # driver chosen by estimate
+            where, args = st._where(q, conn) if takes_conn else st._where(q)
+            order, order_args = st._order(q)
+        except Exception as exc:  # diagnostics only
+            return {"error": f"could not build the store's SQL: {exc!r}"}
+        sqls = {"count": (f"SELECT COUNT(*) FROM resources r WHERE {where}", args),
+                "page": (f"SELECT r.id, r.version, r.last_updated, r.body FROM resources r WHERE {where} "
+                         f"ORDER BY {order} LIMIT ? OFFSET ?", [*args, *order_args, 50, 0])}
+        rng = random.Random(7)
         for name, (sql, a) in sqls.items():
             rows = conn.execute("EXPLAIN QUERY PLAN " + sql, a).fetchall()
-            out[name] = {"sql": sql, "args": a, "plan": [r[3] for r in rows]}
+            times = []
+            for _ in range(20):
+                args_k = [f"Patient/p{rng.randrange(max(1, patients))}" if x == "Patient/p1" else x for x in a]
+                t = time.perf_counter()
+                conn.execute(sql, args_k).fetchall()
+                times.append(time.perf_counter() - t)
+            out[name] = {"sql": sql, "args": a, "plan": [r[3] for r in rows],
+                         "direct_median_ms": round(1000 * statistics.median(times), 2)}
         out["table_rows"] = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
                              for t in ("resources", "history", "idx")}
         out["db_size_mb"] = round(sum(p.stat().st_size for p in db.parent.glob(db.name + "*")) / 2**20, 1)
@@ -610,9 +799,13 @@ def machine() -> dict[str, Any]:
     mem = ""
     with contextlib.suppress(OSError):
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    load = ""
+    with contextlib.suppress(OSError):
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     return {"cores": os.cpu_count(), "cpu": model, "memory": mem, "kernel": platform.release(),
-            "python": platform.python_version(), "git": commit,
-            "note": "client, server (and nx-27017) share these cores; see the cpu figures of each phase"}
+            "python": platform.python_version(), "git": commit, "loadavg_at_start": load,
+            "note": "client, server, nx-27017 and any other work on the machine share these cores; "
+                    "see the cpu figures of each phase"}
 
 
 def bench_store(kind: str, args: argparse.Namespace, procs: Processes, out_dir: Path, tag: str) -> dict[str, Any]:
@@ -620,23 +813,41 @@ def bench_store(kind: str, args: argparse.Namespace, procs: Processes, out_dir: 
     log(f"[{kind}] data dir {work}")
     result: dict[str, Any] = {"store": kind, "data_dir": str(work)}
     server = None
+    bench = None
     try:
         server = start_stack(kind, procs, work, args)
         result["store_url"] = server.store_url
         log(f"[{kind}] server pid {server.pid} on {server.url} ({server.store_url})")
         prof = Profiler(procs, server, set(args.profile or []), out_dir, tag)
         workload = Workload(args.tasks + args.batch_tasks, args.seed)
-        result.update(asyncio.run(Bench(server, args, workload, prof).run()))
+        bench = Bench(server, args, workload, prof)
+        result.update(asyncio.run(bench.run()))
         if prof.files:
             result["profiles"] = {"files": prof.files, "summaries": prof.summaries}
     except Exception as exc:
         result["failed"] = f"{type(exc).__name__}: {exc}"
+        if bench is not None:
+            result.update({k: v for k, v in getattr(bench, "partial", {}).items() if k not in result})
+            result["errors"] = {"count": bench.errors.count, "samples": bench.errors.samples}
+        exited = [f"{name} (pid {p.pid}) exited with {p.returncode}" for name, p in procs.procs
+                  if p.poll() is not None]
+        if exited:
+            result["failed"] += "; " + ", ".join(exited)
         log(f"[{kind}] FAILED: {result['failed']}")
+    except BaseException:  # Ctrl-C / SIGTERM: stop everything, drop the half-filled data dir
+        procs.stop_all()
+        if not args.keep_data:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         procs.stop_all()
+    if "failed" in result:
+        for name in ("server.log", "nx-27017.log", "nx-27017.file.log"):
+            if (work / name).exists():
+                result[f"log_tail_{name}"] = tail(work / name, 40)
     if kind == "sqlite" and server is not None and (work / "store.db").exists():
-        result["query_plan"] = sqlite_plan(work / "store.db", f"{server.url}/fhir")
-    if args.keep_data:
+        result["query_plan"] = sqlite_plan(work / "store.db", f"{server.url}/fhir", args.tasks // TASKS_PER_PATIENT)
+    if args.keep_data or "failed" in result:
         log(f"[{kind}] kept {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
@@ -669,8 +880,15 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         rows.append((label, *cells))
 
     def cpu(c: dict[str, Any]) -> str:
-        text = f"{c['client_cpu_pct']} / {c['server_cpu_pct']}"
-        return text + (f" / nx {c['nx27017_cpu_pct']}" if "nx27017_cpu_pct" in c else "")
+        text = f"{c['client_cpu_pct']:.0f} / {c['server_cpu_pct']:.0f}"
+        text += f" / nx {c['nx27017_cpu_pct']:.0f}" if "nx27017_cpu_pct" in c else ""
+        return text + f" / others {c['other_processes_cpu_pct']:.0f}"
+
+    def threads(c: dict[str, Any]) -> str:
+        return " ".join(f"{k.removeprefix('thread-')}:{v:.0f}" for k, v in c["server_threads_cpu_pct"].items())
+
+    def per_req(c: dict[str, Any]) -> str:
+        return f"{c['server_cpu_ms_per_request']:.2f} / {c['client_cpu_ms_per_request']:.2f}"
 
     def lat(d: dict[str, Any]) -> str:
         return f"{d['p50_ms']} / {d['p95_ms']} / {d['p99_ms']}"
@@ -680,16 +898,22 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         add(f"  segment up to {int(frac * 100)}% of N",
             lambda r, i=i: f"{r['create_segments'][i]['creates_per_s']:.0f}")
     add("  create latency p50/p95/p99 ms (last seg.)", lambda r: lat(r["create_segments"][-1]["latency"]))
-    add("  CPU% client / server (last segment)", lambda r: cpu(r["create_segments"][-1]["cpu"]))
+    add("  CPU% client / server / others (last seg.)", lambda r: cpu(r["create_segments"][-1]["cpu"]))
+    add("  CPU ms per create: server / client", lambda r: per_req(r["create_segments"][-1]["cpu"]))
+    add("  server threads CPU% (last segment)", lambda r: threads(r["create_segments"][-1]["cpu"]))
     add(f"creates/s, batch Bundles of {args.batch_size} (c={args.batch_concurrency})",
         lambda r: f"{r['batch']['creates_per_s']:.0f}")
-    add("  CPU% client / server (batch)", lambda r: cpu(r["batch"]["cpu"]))
+    add("  CPU% client / server / others (batch)", lambda r: cpu(r["batch"]["cpu"]))
+    add("  CPU ms per create: server / client", lambda r: per_req(r["batch"]["cpu"]))
     add(f"reads/s, GET Task/id (c={args.concurrency})", lambda r: f"{r['reads']['reads_per_s']:.0f}")
-    add("  CPU% client / server (reads)", lambda r: cpu(r["reads"]["cpu"]))
+    add("  CPU% client / server / others (reads)", lambda r: cpu(r["reads"]["cpu"]))
+    add("  CPU ms per read: server / client", lambda r: per_req(r["reads"]["cpu"]))
     for frac in CHECKPOINTS:
         label = f"{int(frac * 100)}%"
-        add(f"search p50/p95/p99 ms @{label} of N", lambda r, label=label: lat(r["search"][label]))
+        add(f"search p50/p95/p99 ms @{label} of N",
+            lambda r, label=label: lat(r["search"][label]) + f" (n={r['search'][label]['n']})")
     add("  mean matches per search @100%", lambda r: r["search"]["100%"]["mean_matches"])
+    add("  server CPU ms per search @100%", lambda r: r["search"]["100%"]["cpu"]["server_cpu_ms_per_request"])
     add("server RSS MB at start", lambda r: r["memory"]["start"]["server_rss_mb"])
     for frac in CHECKPOINTS:
         label = f"{int(frac * 100)}%"
@@ -713,13 +937,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", type=int, default=100_000, help="N: Tasks created with single POSTs")
     p.add_argument("--quick", action="store_true", help="smoke run: N=5000, fewer reads and searches")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight for creates and reads")
+    p.add_argument("--client", choices=("httpx", "raw"), default="httpx",
+                   help="httpx.AsyncClient (the measurement of record) or a minimal asyncio HTTP/1.1 client "
+                        "that uses far less CPU (shows the server's capacity on a small machine)")
     p.add_argument("--batch-fraction", type=float, default=0.1, help="extra Tasks created in batch Bundles, x N")
     p.add_argument("--batch-size", type=int, default=100, help="creates per batch Bundle")
     p.add_argument("--batch-concurrency", type=int, default=4, help="batch Bundles in flight")
     p.add_argument("--reads", type=int, default=5000, help="GET Task/{id} requests")
     p.add_argument("--searches", type=int, default=2000, help="sequential searches at each checkpoint")
+    p.add_argument("--search-budget", type=float, default=180.0,
+                   help="at most this many seconds of searches per checkpoint (fewer searches if slow)")
     p.add_argument("--sqlite-synchronous", choices=("FULL", "NORMAL"),
                    help="set FHIR_OUTREACH_SQLITE_SYNCHRONOUS (default: the server's default, FULL)")
+    p.add_argument("--processes", type=int,
+                   help="set FHIR_OUTREACH_PROCESSES (serve processes; default: the server's default)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--profile", nargs="*", choices=("creates", "search", "reads", "batch"),
                    help="record the server with py-spy during these phases (perturbs the figures)")
@@ -732,8 +963,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.searches = min(args.searches, 500)
     if args.tasks < 10 * TASKS_PER_PATIENT:
         p.error(f"--tasks must be at least {10 * TASKS_PER_PATIENT} (10% of N must fill a patient)")
-    if not 1 <= args.concurrency <= 512 or not 1 <= args.batch_concurrency <= 64:
-        p.error("--concurrency must be 1..512 and --batch-concurrency 1..64")
+    if not 1 <= args.concurrency <= 256 or not 1 <= args.batch_concurrency <= args.concurrency:
+        p.error("--concurrency must be 1..256 and --batch-concurrency 1..concurrency")
     args.batch_tasks = int(args.tasks * args.batch_fraction)
     return args
 
@@ -747,8 +978,10 @@ def main(argv: list[str] | None = None) -> int:
     procs = Processes()
 
     def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        signal.raise_signal(signal.SIGINT)  # handled like Ctrl-C (inside asyncio.run: cancels the run)
 
+    # Ctrl-C must work even when started with SIGINT ignored (e.g. '&' in a non-interactive shell)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, on_term)
     report: dict[str, Any] = {
         "benchmark": "fhir-outreach API (bench/bench_api.py)", "date": dt.datetime.now(dt.UTC).isoformat(),
@@ -767,16 +1000,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
     print(f"fhir-outreach API benchmark, {report['date'][:19]}Z, {report['machine']['cores']} cores "
-          f"({report['machine']['cpu']}), N={args.tasks}, git {report['machine']['git']}")
-    print("client, server and nx-27017 share the cores (client CPU% is shown per phase)")
+          f"({report['machine']['cpu']}), N={args.tasks}, git {report['machine']['git']}, client {args.client}")
+    print(f"client, server, nx-27017 and other processes share the cores (CPU%: 100 = one core); load average "
+          f"at start {report['machine']['loadavg_at_start']}")
     print(table(report["results"], args))
     for r in report["results"]:
+        if r.get("errors", {}).get("count"):
+            print(f"WARNING {r['store']}: {r['errors']['count']} failed requests; figures count successes only. "
+                  f"First: {r['errors']['samples'][:1]}")
         if r.get("targets_met"):
             print(f"{r['store']} targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}"
                                                       for k, v in r["targets_met"].items()))
         plan = r.get("query_plan", {})
         if "count" in plan:
-            print(f"{r['store']} query plan (patient+status page): " + " | ".join(plan["page"]["plan"]))
+            print(f"{r['store']} query plan, patient+status page ({plan['page']['direct_median_ms']} ms direct): "
+                  + " | ".join(plan["page"]["plan"]))
+            print(f"{r['store']} query plan, patient+status count ({plan['count']['direct_median_ms']} ms direct): "
+                  + " | ".join(plan["count"]["plan"]))
     print(f"results: {out}")
     return 1 if any("failed" in r or r.get("errors", {}).get("count") for r in report["results"]) else 0
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_intake import BIN, TOKEN, free_port, start_nx, stop, wait  # noqa: E402
+from bench_intake import BIN, TOKEN, free_port, start_nx, stop, wait
 
 LUA = """
 counter = 0

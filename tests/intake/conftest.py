@@ -95,10 +95,9 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
                              hook_master_key="m" * 40)
     app = create_app(settings, run_background=False,
                      source_transport=httpx.ASGITransport(app=source_app))
-    async with _Lifespan(source_app), _Lifespan(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://outreach.test",
-                                     headers={"Authorization": f"Bearer {TOKEN}"}) as client, \
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=source_app),
-                                  base_url="http://source.test") as source, \
-                httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://outreach.test") as hooks:
-            yield Env(client, source, app, hooks)
+    async with _Lifespan(source_app), _Lifespan(app), \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://outreach.test",
+                              headers={"Authorization": f"Bearer {TOKEN}"}) as client, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=source_app), base_url="http://source.test") as source, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://outreach.test") as hooks:
+        yield Env(client, source, app, hooks)

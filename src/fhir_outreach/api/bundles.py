@@ -9,6 +9,7 @@ runs each entry on its own and reports each outcome in its response entry.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -213,17 +214,37 @@ class BundleProcessor:
         return entry
 
     async def _batch(self, entries: list[Any]) -> dict[str, Any]:
-        out = []
+        """Each entry on its own: planned in order, then all writes committed concurrently (each its own
+        commit, so they share group commits), then the reads."""
+        out: list[dict[str, Any] | None] = [None] * len(entries)
+        writes: list[tuple[int, Write]] = []
+        gets: list[tuple[int, str]] = []
         for i, entry in enumerate(entries):
             try:
                 method, url, req = self._request(i, entry)
                 if method == "GET":
-                    out.append(await self._get_entry(url))
+                    gets.append((i, url))
                     continue
                 write = await self._plan(i, entry, method, url, req)
                 assert write is not None
-                out.append(self._response_entry(await self.ix.commit_one(write)))
+                writes.append((i, write))
             except FhirError as exc:
-                out.append({"response": {"status": f"{int(exc.status)} {exc.status.phrase}",
-                                         "outcome": exc.to_outcome()}})
+                out[i] = _error_entry(exc)
+        results = await asyncio.gather(*(self.ix.commit_one(w) for _, w in writes), return_exceptions=True)
+        for (i, _), res in zip(writes, results, strict=True):
+            if isinstance(res, FhirError):
+                out[i] = _error_entry(res)
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                out[i] = self._response_entry(res)
+        for i, url in gets:
+            try:
+                out[i] = await self._get_entry(url)
+            except FhirError as exc:
+                out[i] = _error_entry(exc)
         return {"resourceType": "Bundle", "type": "batch-response", "entry": out}
+
+
+def _error_entry(exc: FhirError) -> dict[str, Any]:
+    return {"response": {"status": f"{int(exc.status)} {exc.status.phrase}", "outcome": exc.to_outcome()}}
