@@ -72,7 +72,6 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
 _DRIVER_RANK = {"ref": 0, "ref_id": 0, "id": 0, "str_exact": 1, "uri": 1, "token": 2, "str_prefix": 3, "date": 4}
 _MAX_GROUP = 128
 _ESTIMATE_CAP = 10000
-CHECKPOINT_SECONDS = 0.5
 
 
 def path_from_url(url: str) -> Path:
@@ -182,34 +181,13 @@ class SqliteStore:
             conn = self._connect()
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(SCHEMA)
-            # Checkpoints run in their own thread (PASSIVE: they never block the writer), so that a
-            # commit never pays for copying the WAL back into the database: no latency spikes under load.
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
         self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="sqlite-writer",
                                         daemon=True)
         self._writer.start()
-        self._checkpoint_stop = threading.Event()
-        self._checkpointer: threading.Thread | None = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True)
-        self._checkpointer.start()
+
         self._pool = ThreadPoolExecutor(max_workers=self._readers, thread_name_prefix="sqlite-reader")
 
-    def _checkpoint_loop(self) -> None:
-        conn = self._connect()
-        try:
-            while not self._checkpoint_stop.wait(CHECKPOINT_SECONDS):
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        finally:
-            conn.close()
-
     async def close(self) -> None:
-        checkpointer = getattr(self, "_checkpointer", None)
-        if checkpointer is not None:
-            self._checkpoint_stop.set()
-            await asyncio.to_thread(checkpointer.join)
-            self._checkpointer = None
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
