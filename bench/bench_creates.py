@@ -7,6 +7,7 @@ status and identifier per request), for a fixed duration at a fixed number of co
 with ``_summary=count`` that every acknowledged create is stored.
 
     python bench/bench_creates.py [--duration 20] [--connections 32] [--stores sqlite,mongo]
+    python bench/bench_creates.py --bundle transaction --connections 4   # Bundles of 100 creates
 """
 
 from __future__ import annotations
@@ -42,6 +43,25 @@ end
 """
 
 
+BUNDLE_LUA = """
+counter = 0
+request = function()
+  counter = counter + 1
+  local parts = {}
+  for i = 1, 100 do
+    parts[i] = string.format('{"resource":{"resourceType":"Task","status":"requested","intent":"order",' ..
+      '"for":{"reference":"Patient/p%d"},"authoredOn":"2026-11-01T10:00:00Z",' ..
+      '"code":{"coding":[{"system":"http://snomed.info/sct","code":"%d"}]},' ..
+      '"identifier":[{"system":"urn:bundle","value":"%d-%d-%d"}]},"request":{"method":"POST","url":"Task"}}',
+      (counter * 100 + i) % 1000, i % 50, os.time(), counter, i)
+  end
+  local body = '{"resourceType":"Bundle","type":"%KIND%","entry":[' .. table.concat(parts, ",") .. ']}'
+  return wrk.format("POST", "/fhir", {["Content-Type"] = "application/fhir+json",
+    ["Authorization"] = "Bearer %TOKEN%", ["Prefer"] = "return=minimal"}, body)
+end
+"""
+
+
 def run(store: str, args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     data = tmp / store
     data.mkdir()
@@ -56,7 +76,8 @@ def run(store: str, args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     try:
         wait(f"http://127.0.0.1:{port}/healthz", proc)
         script = data / "create.lua"
-        script.write_text(LUA.replace("%TOKEN%", TOKEN))
+        lua = BUNDLE_LUA.replace("%KIND%", args.bundle) if args.bundle else LUA
+        script.write_text(lua.replace("%TOKEN%", TOKEN))
         out = subprocess.run(["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency", "-s",
                               str(script), f"http://127.0.0.1:{port}"], capture_output=True, text=True,
                              check=True).stdout
@@ -67,7 +88,8 @@ def run(store: str, args: argparse.Namespace, tmp: Path) -> dict[str, object]:
         time.sleep(1)
         stored = httpx.get(f"http://127.0.0.1:{port}/fhir/Task", params={"_summary": "count"},
                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120).json()["total"]
-        return {"store": store, "creates_per_s": rps, "sent": sent, "stored": stored, "p50": pct["50"],
+        per = 100 if args.bundle else 1
+        return {"store": store, "creates_per_s": rps * per, "sent": sent * per, "stored": stored, "p50": pct["50"],
                 "p90": pct["90"], "p99": pct["99"], "non_2xx": int(non2xx.group(1)) if non2xx else 0}
     finally:
         stop(proc)
@@ -80,6 +102,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=20)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--stores", default="sqlite,mongo")
+    parser.add_argument("--bundle", choices=["transaction", "batch"], help="send Bundles of 100 creates instead")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "creates.json"))
     args = parser.parse_args()
     rows = []
