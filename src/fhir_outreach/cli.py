@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"fhir-outreach {__version__}: FHIR API on {settings.fhir_base} (store {settings.store}, "
           f"{settings.processes} process{'es' if settings.processes > 1 else ''})", flush=True)
     if settings.processes == 1:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        uvicorn.run(create_app(settings, tune_gc=True), host=settings.host, port=settings.port, log_level=settings.log_level,
                     access_log=False)
         return 0
     # Several processes: each one builds the app from the same settings, passed on through the environment.

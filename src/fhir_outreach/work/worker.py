@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -71,6 +72,7 @@ async def run_worker(settings: Settings, store: Store) -> None:
             return await service.run_once()
 
         worker = Worker(store, poll_seconds=settings.worker_poll_seconds, jobs=[intake_job])
+        gc.freeze()  # start-up objects live for the whole process (see app.create_app)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
