@@ -8,7 +8,6 @@ framework errors (unknown route 404, wrong method 405, unexpected exceptions 500
 from __future__ import annotations
 
 import gc
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,7 +16,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import Match
 
 from . import __version__
 from .api import admin as admin_routes
@@ -26,20 +24,13 @@ from .api import hooks as hook_routes
 from .api.capability import capability_statement
 from .api.http import fhir_response
 from .api.interactions import Interactions
-from .api.routing import OutreachApp
+from .api.routing import OutreachApp, error_response, internal_error, method_not_allowed, not_found
 from .auth import Authenticator
-from .errors import FhirError, InvalidRequest, MethodNotAllowed, NotFound
+from .errors import FhirError, InvalidRequest
 from .intake.service import IntakeService
 from .settings import Settings
 from .store import Store, open_store
 from .store.base import format_instant, utcnow
-
-log = logging.getLogger("fhir_outreach")
-
-
-def _outcome(status: int, code: str, diagnostics: str) -> Response:
-    return fhir_response({"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": code, "diagnostics": diagnostics}]}, status)
 
 
 def create_app(settings: Settings, store: Store | None = None, *, run_background: bool = True,
@@ -91,35 +82,24 @@ def create_app(settings: Settings, store: Store | None = None, *, run_background
 
     @app.exception_handler(FhirError)
     async def fhir_error(request: Request, exc: FhirError) -> Response:
-        if exc.status >= 500:
-            log.error("%s %s failed: %s", request.method, request.url.path, exc.diagnostics)
-        headers = {"WWW-Authenticate": 'Bearer realm="fhir-outreach"'} if exc.status == 401 else None
-        if exc.retryable:
-            headers = {"Retry-After": "5"}
-        return fhir_response(exc.to_outcome(), int(exc.status), headers)
+        return error_response(request.scope, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
-            err: FhirError = NotFound(f"no FHIR endpoint at {request.method} {request.url.path}")
-        elif exc.status_code == 405:
-            allowed = _allowed_methods(request)
-            err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path} "
-                                   f"(allowed: {', '.join(allowed)})")
-            return fhir_response(err.to_outcome(), int(err.status), {"Allow": ", ".join(allowed)})
-        else:
-            return _outcome(exc.status_code, "processing", str(exc.detail))
-        return fhir_response(err.to_outcome(), int(err.status))
+            return not_found(request.scope)
+        if exc.status_code == 405:
+            return method_not_allowed(request.scope, request.app.router.routes)
+        return fhir_response({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "processing", "diagnostics": str(exc.detail)}]}, exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        err = InvalidRequest(f"invalid request: {exc.errors()[0].get('msg', exc)}")
-        return fhir_response(err.to_outcome(), int(err.status))
+        return error_response(request.scope, InvalidRequest(f"invalid request: {exc.errors()[0].get('msg', exc)}"))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _outcome(500, "exception", f"internal error ({type(exc).__name__}); see the server log")
+        return internal_error(request.scope, exc)
 
     return app
 
@@ -130,13 +110,6 @@ def app_from_environment() -> FastAPI:
     from .settings import load_settings
 
     return create_app(load_settings(), tune_gc=True)
-
-
-def _allowed_methods(request: Request) -> list[str]:
-    """Methods some route accepts at this path (RFC 9110 requires them in a 405's Allow header)."""
-    methods = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
-    return [m for m in methods if any(r.matches({**request.scope, "method": m})[0] == Match.FULL
-                                      for r in request.app.router.routes)]
 
 
 def _make_store(settings: Settings) -> Store:

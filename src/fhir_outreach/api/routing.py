@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
@@ -69,6 +70,34 @@ def outcome_response(err: FhirError, headers: dict[str, str] | None = None) -> R
     return fhir_response(err.to_outcome(), int(err.status), extra or None)
 
 
+def allowed_methods(scope: Scope, routes: list[Any]) -> list[str]:
+    """Methods some route accepts at this path (RFC 9110 requires them in a 405's Allow header)."""
+    return [m for m in METHODS if any(r.matches({**scope, "method": m})[0] == Match.FULL for r in routes)]
+
+
+def method_not_allowed(scope: Scope, routes: list[Any]) -> Response:
+    allowed = allowed_methods(scope, routes)
+    err = MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']} (allowed: {', '.join(allowed)})")
+    return outcome_response(err, {"Allow": ", ".join(allowed)})
+
+
+def not_found(scope: Scope) -> Response:
+    return outcome_response(NotFound(f"no FHIR endpoint at {scope['method']} {scope['path']}"))
+
+
+def internal_error(scope: Scope, exc: BaseException) -> Response:
+    log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
+    return fhir_response({"resourceType": "OperationOutcome", "issue": [{
+        "severity": "error", "code": "exception",
+        "diagnostics": f"internal error ({type(exc).__name__}); see the server log"}]}, 500)
+
+
+def error_response(scope: Scope, exc: FhirError) -> Response:
+    if exc.status >= 500:
+        log.error("%s %s failed: %s", scope["method"], scope["path"], exc.diagnostics)
+    return outcome_response(exc)
+
+
 class OutreachApp(FastAPI):
     """FastAPI for the operator and docs routes; the lean router first for ``/fhir`` and ``/hooks``."""
 
@@ -84,32 +113,16 @@ class OutreachApp(FastAPI):
             return
         await super().__call__(scope, receive, send)
 
-    def allowed_methods(self, scope: Scope) -> list[str]:
-        return [m for m in METHODS if any(r.matches({**scope, "method": m})[0] == Match.FULL
-                                          for r in self._fast.routes)]
-
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self._fast(scope, receive, send)
             return
         except FhirError as exc:
-            if exc.status >= 500:
-                log.error("%s %s failed: %s", scope["method"], scope["path"], exc.diagnostics)
-            response = outcome_response(exc)
+            response = error_response(scope, exc)
         except HTTPException as exc:
-            path = scope["path"]
-            if exc.status_code == 405:
-                allowed = self.allowed_methods(scope)
-                err: FhirError = MethodNotAllowed(f"{scope['method']} is not allowed on {path} "
-                                                  f"(allowed: {', '.join(allowed)})")
-                response = outcome_response(err, {"Allow": ", ".join(allowed)})
-            else:
-                response = outcome_response(NotFound(f"no FHIR endpoint at {scope['method']} {path}"))
+            response = method_not_allowed(scope, self._fast.routes) if exc.status_code == 405 else not_found(scope)
         except Exception as exc:
-            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-            response = fhir_response({"resourceType": "OperationOutcome", "issue": [{
-                "severity": "error", "code": "exception",
-                "diagnostics": f"internal error ({type(exc).__name__}); see the server log"}]}, 500)
+            response = internal_error(scope, exc)
         await response(scope, receive, send)
 
 
