@@ -40,7 +40,7 @@ def create_app(settings: Settings, store: Store | None = None, *, run_background
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        the_store = store or _make_store(settings)
+        the_store = store or make_store(settings)
         await the_store.open()
         http = httpx.AsyncClient(timeout=10)
         authenticator = Authenticator(settings, http)
@@ -112,11 +112,6 @@ def app_from_environment() -> FastAPI:
     return create_app(load_settings(), tune_gc=True)
 
 
-def _make_store(settings: Settings) -> Store:
-    if settings.store.startswith("sqlite:"):
-        from .store.sqlite import SqliteStore
-
-        return SqliteStore(settings.store, base_url=settings.fhir_base, synchronous=settings.sqlite_synchronous)
-    return open_store(settings.store, base_url=settings.fhir_base)
-
-
+def make_store(settings: Settings) -> Store:
+    """The store the settings name (not yet opened)."""
+    return open_store(settings.store, base_url=settings.fhir_base, sqlite_synchronous=settings.sqlite_synchronous)

@@ -66,13 +66,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .app import _make_store
+    from .app import make_store
     from .work.worker import run_worker
 
     settings = _settings(args)
     _logging(settings)
     try:
-        asyncio.run(run_worker(settings, _make_store(settings)))
+        asyncio.run(run_worker(settings, make_store(settings)))
     except StoreUnavailable as exc:
         print(f"fhir-outreach worker: {exc.diagnostics}", file=sys.stderr)
         return 1
@@ -81,10 +81,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 async def _with_intake(settings: Settings, fn: Any) -> Any:
     """Open the store and an intake service (no background loop), run ``fn(service)``, close."""
-    from .app import _make_store
+    from .app import make_store
     from .intake.service import IntakeService
 
-    store = _make_store(settings)
+    store = make_store(settings)
     await store.open()
     service = IntakeService(settings, store)
     try:

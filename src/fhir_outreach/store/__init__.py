@@ -5,12 +5,12 @@ from __future__ import annotations
 from .base import Store, StoredResource, Write
 
 
-def open_store(url: str, *, base_url: str | None = None) -> Store:
+def open_store(url: str, *, base_url: str | None = None, sqlite_synchronous: str = "FULL") -> Store:
     """The backend for a ``FHIR_OUTREACH_STORE`` URL (``sqlite:///path`` or ``mongodb://host/db``)."""
     if url.startswith("sqlite:"):
         from .sqlite import SqliteStore
 
-        return SqliteStore(url, base_url=base_url)
+        return SqliteStore(url, base_url=base_url, synchronous=sqlite_synchronous)
     if url.startswith(("mongodb:", "mongodb+srv:")):
         from .mongo import MongoStore
 
