@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         None, description="Public base URL that sources use to reach /hooks (default: base URL without /fhir)")
     health_interval_seconds: float = Field(
         60.0, gt=0, description="How often source Subscriptions and heartbeats are checked")
+    writeback_source: str | None = Field(
+        None, description="Name of the source server that journey outcomes are also written to (default: none)")
+    journey_lease_seconds: float = Field(
+        60.0, gt=0, description="How long a worker holds a journey run while it executes steps")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
     @field_validator("api_tokens", "jwt_algorithms", mode="before")
@@ -96,6 +100,9 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"FHIR_OUTREACH_SOURCES: source names must be unique ({', '.join(dupes)})")
+        if self.writeback_source and self.writeback_source not in names:
+            raise ValueError(f"FHIR_OUTREACH_WRITEBACK_SOURCE: no source named {self.writeback_source!r} "
+                             f"(configured: {', '.join(names) or 'none'})")
         return self
 
     @model_validator(mode="after")
