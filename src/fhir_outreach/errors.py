@@ -128,3 +128,19 @@ class StoreUnavailable(FhirError):
 
 class SettingsError(Exception):
     """A bad setting found at start-up; ``str()`` is the one line printed before exiting."""
+
+
+class InvalidJourney(BusinessRule):
+    """A journey (OutreachJourney PlanDefinition or its templates) that cannot run: each problem is one
+    issue naming the step and the reason."""
+
+    code = "invariant"
+
+    def __init__(self, problems: Sequence[tuple[str, str]], *, label: str = "journey") -> None:
+        issues = [{"severity": "error", "code": "invariant", "diagnostics": f"{where}: {why}",
+                   "expression": [where]} for where, why in problems]
+        first = issues[0]["diagnostics"] if issues else "invalid"
+        more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
+        super().__init__(f"{label} is invalid: {first}{more}", issues=issues[1:])
+        self.expression = [problems[0][0]] if problems else []
+        self.problems = list(problems)
