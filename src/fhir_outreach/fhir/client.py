@@ -196,6 +196,9 @@ class SourceClients:
     def __init__(self, sources: list[SourceConfig], transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.clients = {s.name: FhirClient(s, transport=transport) for s in sources}
 
+    def names(self) -> list[str]:
+        return list(self.clients)
+
     def get(self, name: str) -> FhirClient:
         try:
             return self.clients[name]

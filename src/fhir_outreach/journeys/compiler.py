@@ -352,8 +352,8 @@ def decompile(plan: dict[str, Any], templates: list[dict[str, Any]]) -> dict[str
             tdoc["title"] = tpl["title"]
         for dv in tpl.get("dynamicValue") or []:
             value = dv["expression"]["expression"]
-            if dv["path"] == "medium" and value.startswith("'") and value.endswith("'") \
-                    or dv["path"] == "due" and value.startswith("'P"):
+            if (dv["path"] == "medium" and value.startswith("'") and value.endswith("'")) \
+                    or (dv["path"] == "due" and value.startswith("'P")):
                 value = value[1:-1]
             tdoc[dv["path"]] = value
         tdocs[tname] = tdoc

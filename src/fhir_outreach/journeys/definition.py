@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import isodate
+import isodate  # type: ignore[import-untyped]
 
 from ..errors import InvalidJourney
 from ..fhir.fhirpath import FhirPathError, check_syntax
@@ -347,7 +347,7 @@ def _trigger(t: Mapping[str, Any], i: int, problems: list[tuple[str, str]]) -> T
             every = fhir_duration_to_iso({"value": repeat.get("period"), "code": repeat.get("periodUnit")})
         except ValueError as exc:
             problems.append((f"{where}.timingTiming", f"needs repeat.period and periodUnit: {exc}"))
-        if not search or "?" not in str(search) and not str(search).isalpha():
+        if not search or ("?" not in str(search) and not str(search).isalpha()):
             problems.append((where, "a periodic trigger needs the trigger-search extension (e.g. "
                                     "'Goal?lifecycle-status=active')"))
             return None

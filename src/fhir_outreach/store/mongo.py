@@ -278,7 +278,7 @@ class MongoStore:
                 # [ht, lu] serve the newest-first listings.
                 for spec in (["k"], ["ks"], ["lt"], ["hk"], ["ht"], ["txn"], ["lt", "lu"], ["ht", "lu"]):
                     await self._res.create_index([(f, 1) for f in spec], sparse=True)
-                for spec in (["kind"], ["ks"], ["ks", "due"], ["kind", "created"]):
+                for spec in (["kind"], ["ks"], ["ks", "due"], ["kind", "created"], ["group"]):
                     await self._recs.create_index([(f, 1) for f in spec])
                 await self._recover()
             except BaseException:

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS records (
     updated REAL NOT NULL, rev INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_claim ON records (kind, state, due);
 CREATE INDEX IF NOT EXISTS records_recent ON records (kind, created);
+CREATE INDEX IF NOT EXISTS records_group ON records (kind, grp, state);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1');
 """
