@@ -35,6 +35,7 @@ from ..fhir.client import FhirClient, SourceClients, SourceError, SourceUnavaila
 from ..intake.processor import Backoff
 from ..store import Store
 from ..store.base import Record
+from .clock import Clock, SystemClock
 
 log = logging.getLogger("fhir_outreach.outbox")
 
@@ -94,7 +95,7 @@ async def enqueue(store: Store, source: str, resources: Sequence[dict[str, Any]]
     One ``outbox`` record per version (a duplicate is a no-op). Items carry a sequence number, so that a
     run's items are sent in the order given. The ``remote`` record is made first: from then on references
     to the resource wait for its creation instead of going out unrewritten. Items are due at ``now``
-    (default: the current time)."""
+    (default: the current time; pass the clock's time when the ``Outbox`` runs under another clock)."""
     now = time.time() if now is None else now
     base = time.time_ns()
     added = 0
@@ -115,20 +116,20 @@ class Outbox:
 
     def __init__(self, store: Store, sources: SourceClients, *, owner: str, lease_seconds: float = 60.0,
                  backoff: Backoff | None = None, defer_seconds: float = DEFER_SECONDS,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Clock | None = None) -> None:
         self.store = store
         self.sources = sources
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.backoff = backoff or Backoff()
         self.defer_seconds = defer_seconds
-        self.clock = clock
+        self.clock = clock or SystemClock()
         # Per source: resource type → the search parameters its CapabilityStatement declares (None: unknown).
         self._search_params: dict[str, dict[str, frozenset[str]] | None] = {}
 
     async def run_once(self, limit: int = 50) -> int:
         """Send up to ``limit`` due outbox items; returns how many were claimed."""
-        claimed = await self.store.claim_records(OUTBOX, owner=self.owner, now=self.clock(),
+        claimed = await self.store.claim_records(OUTBOX, owner=self.owner, now=self.clock.now(),
                                                  lease_seconds=self.lease_seconds, limit=limit)
         for rec in sorted(claimed, key=lambda r: int(r.data.get("seq") or 0)):
             await self.send(rec)
@@ -159,9 +160,10 @@ class Outbox:
                 await self._finish(rec, "superseded", remote=mapped, note=f"version {sent} was sent already")
                 return
             if version == sent and not remote.data.get("partial"):
-                await self._finish(rec, "done", remote=mapped)  # sent before a crash: only the bookkeeping was lost
+                # Sent before a crash that lost only our bookkeeping.
+                await self._finish(rec, "done", remote=mapped)
                 return
-        elif remote.state != "failed" and remote.data.get("creator") not in (None, rec.key):
+        elif remote.state != "failed" and await self._other_creator(remote, rec.key):
             await self._defer(rec, f"waiting for {remote.data['creator']} to create {local}")
             return
         body, waiting = await self._rewrite(source, rec.data["resource"])
@@ -217,7 +219,8 @@ class Outbox:
 
         def change(r: Record) -> None:
             sent = int(r.data.get("version") or 0)
-            r.data = {**r.data, "version": max(version, sent), "partial": bool(r.data.get("partial")) and sent > version}
+            partial = bool(r.data.get("partial")) and sent > version
+            r.data = {**r.data, "version": max(version, sent), "partial": partial}
         await self._save_remote(remote, change)
         await self._finish(rec, "done", remote=mapped)
         log.info("outbox: %s v%d sent to %s as %s", rec.data["local"], version, source, mapped)
@@ -227,10 +230,12 @@ class Outbox:
         """The If-None-Exist query that finds this resource on the source if it is there already, the body
         to send (with our key tag when the query relies on it) and whether it carries that tag."""
         type_ = body["resourceType"]
-        identifier = next((i for i in body.get("identifier") or [] if isinstance(i, dict) and i.get("value")), None)
+        identifier = next((i for i in body.get("identifier") or [] if isinstance(i, dict) and i.get("value")),
+                          None)
         if type_ != "Provenance" and identifier and await self._supports(source, client, type_, "identifier"):
             system = identifier.get("system")
-            token = f"{_escape(system)}|{_escape(identifier['value'])}" if system else _escape(identifier["value"])
+            value = _escape(identifier["value"])
+            token = f"{_escape(system)}|{value}" if system else value
             return urlencode({"identifier": token}), body, False
         can_tag = await self._supports(source, client, type_, "_tag")
         query: list[tuple[str, str]] = []
@@ -298,6 +303,11 @@ class Outbox:
             assert rec is not None
         return rec
 
+    async def _other_creator(self, remote: Record, key: str) -> bool:
+        """Whether another (earlier) outbox item is to create the resource: later versions wait for it."""
+        creator = remote.data.get("creator")
+        return bool(creator) and creator != key and await self.store.get_record(OUTBOX, str(creator)) is not None
+
     async def _save_remote(self, rec: Record, change: Callable[[Record], None]) -> None:
         for _ in range(10):
             change(rec)
@@ -311,24 +321,24 @@ class Outbox:
     async def _finish(self, rec: Record, state: str, **extra: Any) -> None:
         rec.state = state
         rec.lease_owner, rec.lease_until = None, 0.0
-        rec.data = {**{k: v for k, v in rec.data.items() if k != "waiting"}, **extra, "finished": self.clock()}
+        rec.data = {**{k: v for k, v in rec.data.items() if k != "waiting"}, **extra, "finished": self.clock.now()}
         if not await self.store.save_record(rec):
             log.warning("outbox item %s was re-claimed by another worker before it finished", rec.key)
 
     async def _defer(self, rec: Record, reason: str) -> None:
         """Not yet: try again in a few seconds, without counting an attempt."""
-        rec.due = self.clock() + self.defer_seconds
+        rec.due = self.clock.now() + self.defer_seconds
         rec.lease_owner, rec.lease_until = None, 0.0
         rec.data = {**rec.data, "waiting": reason}
         await self.store.save_record(rec)
 
     async def _retry(self, rec: Record, exc: Exception) -> None:
         rec.attempts += 1
-        rec.due = self.clock() + self.backoff.delay(rec.attempts)
+        rec.due = self.clock.now() + self.backoff.delay(rec.attempts)
         rec.lease_owner, rec.lease_until = None, 0.0
         rec.data = {**rec.data, "error": _problem(exc)}
         log.warning("outbox item %s: %s (attempt %d, next in %.0fs)", rec.key, rec.data["error"]["diagnostics"],
-                    rec.attempts, rec.due - self.clock())
+                    rec.attempts, rec.due - self.clock.now())
         await self.store.save_record(rec)
 
     async def _fail(self, rec: Record, exc: Exception) -> None:
