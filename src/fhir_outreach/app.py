@@ -28,15 +28,19 @@ from .api.routing import OutreachApp, error_response, internal_error, method_not
 from .auth import Authenticator
 from .errors import FhirError, InvalidRequest
 from .intake.service import IntakeService
+from .journeys.service import JourneyService
 from .settings import Settings
 from .store import Store, open_store
 from .store.base import format_instant, utcnow
+from .work.clock import Clock
 
 
 def create_app(settings: Settings, store: Store | None = None, *, run_background: bool = True,
-               source_transport: httpx.AsyncBaseTransport | None = None, tune_gc: bool = False) -> FastAPI:
+               source_transport: httpx.AsyncBaseTransport | None = None, tune_gc: bool = False,
+               clock: Clock | None = None) -> FastAPI:
     """The application. ``run_background=False`` leaves intake processing to the caller (tests drain it
-    explicitly); ``source_transport`` routes calls to source servers (tests point it at an ASGI app)."""
+    explicitly); ``source_transport`` routes calls to source servers (tests point it at an ASGI app); ``clock``
+    replaces the journey engine's system clock (tests run weeks of waits on a ``ManualClock``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,15 +52,20 @@ def create_app(settings: Settings, store: Store | None = None, *, run_background
         app.state.settings = settings
         app.state.store = the_store
         app.state.authenticator = authenticator
+        intake = IntakeService(settings, the_store, transport=source_transport)
+        journeys = JourneyService(settings, the_store, intake.sources, clock=clock)
+        app.state.journeys = journeys
         app.state.interactions = Interactions(the_store, base_url=settings.fhir_base,
-                                              default_count=settings.default_count, max_count=settings.max_count)
+                                              default_count=settings.default_count, max_count=settings.max_count,
+                                              on_commit=journeys.feed)
         app.state.capability = capability_statement(settings.fhir_base, auth_on=authenticator.enabled,
                                                     jwt=bool(settings.jwt_issuer), started=format_instant(utcnow()))
-        intake = IntakeService(settings, the_store, transport=source_transport)
         app.state.intake = intake
         app.state.hooks = intake.hooks
+        intake.on_events = journeys.wake
         if settings.serve_worker and run_background:
             intake.start()
+            journeys.start()
         if tune_gc:
             # Objects alive after start-up (models, compiled paths, routes) never become garbage: keep them
             # out of the collector's generations and collect young objects less often. Measured: intake p99
@@ -66,6 +75,7 @@ def create_app(settings: Settings, store: Store | None = None, *, run_background
         try:
             yield
         finally:
+            await journeys.aclose()
             await intake.aclose()
             await http.aclose()
             await the_store.close()

@@ -142,6 +142,13 @@ def cmd_inbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_journey(args: argparse.Namespace) -> int:
+    from .journeys.commands import COMMANDS, NO_STORE
+
+    settings = None if args.journey_command in NO_STORE else _settings(args)
+    return COMMANDS[args.journey_command](args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fhir-outreach", description="FHIR-native patient-outreach engine")
     parser.add_argument("--version", action="version", version=f"fhir-outreach {__version__}")
@@ -167,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     inbox_sub.add_parser("process", help="process every pending delivery now, then exit")
     for p in (ls, *inbox_sub.choices.values()):
         p.set_defaults(func=cmd_inbox)
+    from .journeys.commands import add_parser
+
+    add_parser(sub, cmd_journey)
     return parser
 
 

@@ -114,6 +114,124 @@ async def subscriptions_sync(request: Request) -> Response:
     return _json({"actions": [vars(a) for a in actions]})
 
 
+# --- journeys and runs ----------------------------------------------------------------------------------
+
+@router.get("/journeys")
+async def list_journeys(request: Request) -> Response:
+    await _admin(request)
+    from ..journeys import catalog
+    from ..journeys.runner import RUN
+
+    store = request.app.state.store
+    counts = await store.count_records(RUN)
+    out = []
+    for plan in sorted(await catalog.journeys(store), key=lambda p: (str(p.get("url")), str(p.get("version")))):
+        canonical = f"{plan.get('url')}|{plan.get('version')}"
+        control = await store.get_record(catalog.CONTROL, str(plan.get("url")))
+        out.append({"url": plan.get("url"), "version": plan.get("version"), "name": plan.get("name"),
+                    "title": plan.get("title"), "status": plan.get("status"), "id": plan.get("id"),
+                    "control": control.state if control else "running",
+                    "runs": {st: n for (g, st), n in counts.items() if g == canonical}})
+    return _json({"journeys": out})
+
+
+@router.post("/journeys")
+async def load_journey(request: Request) -> Response:
+    """Check and store a journey: the YAML form (``application/yaml``) or FHIR JSON (a PlanDefinition, or a
+    Bundle with it and its ActivityDefinitions). ``?validate=true`` only checks; ``?activate=true`` stores
+    it active."""
+    await _admin(request)
+    from ..journeys import catalog
+    from ..journeys.files import parse_text
+
+    body = await read_body(request, request.app.state.settings.max_body_bytes)
+    plan, templates = parse_text(body, name="request body")
+    store = request.app.state.store
+    if request.query_params.get("activate") == "true":
+        plan = {**plan, "status": "active"}
+    if request.query_params.get("validate") == "true":
+        journey = await catalog.check_journey(store, plan, templates)
+        return _json({"valid": True, "journey": journey.canonical, "steps": len(journey.steps)})
+    journey, report = await catalog.load(store, plan, templates, base_url=request.app.state.settings.fhir_base)
+    request.app.state.journeys.catalog.invalidate()
+    return _json({"journey": journey.canonical, "status": plan.get("status"), "written": report}, 201)
+
+
+@router.get("/journeys/{name}/export")
+async def export_journey(request: Request, name: str) -> Response:
+    await _admin(request)
+    from ..journeys import catalog
+    from ..journeys.files import dump
+
+    store = request.app.state.store
+    found = await catalog.find_canonical(store, "PlanDefinition", catalog.resolve_url(name),
+                                         request.query_params.get("version"))
+    if not found:
+        raise NotFound(f"no journey {catalog.resolve_url(name)}")
+    templates = list((await catalog.templates_for(store, found[0])).values())
+    fmt = request.query_params.get("format", "yaml")
+    if fmt not in ("yaml", "json"):
+        raise InvalidRequest("'format' must be yaml or json", expression=["format"])
+    text = dump(found[0], templates, fmt)
+    return Response(text, media_type="application/yaml" if fmt == "yaml" else "application/fhir+json")
+
+
+@router.post("/journeys/{name}/{action}")
+async def control_journey(request: Request, name: str, action: str) -> Response:
+    await _admin(request)
+    from ..journeys import catalog
+
+    store = request.app.state.store
+    url = catalog.resolve_url(name)
+    version = request.query_params.get("version")
+    if action in ("activate", "retire"):
+        done = await catalog.set_status(store, url, version, "active" if action == "activate" else "retired")
+        request.app.state.journeys.catalog.invalidate()
+        return _json({"journey": url, "written": done})
+    states = {"pause": "paused", "resume": "running", "stop": "stopped"}
+    if action not in states:
+        raise NotFound(f"no journey action {action!r} (have: activate, retire, pause, resume, stop)")
+    state = await catalog.set_control(store, url, states[action])
+    request.app.state.journeys.wake()
+    return _json({"journey": url, "control": state})
+
+
+@router.get("/runs")
+async def list_runs(request: Request) -> Response:
+    await _admin(request)
+    from ..journeys import catalog
+    from ..journeys.runner import RUN
+
+    store = request.app.state.store
+    group = None
+    if request.query_params.get("journey"):
+        found = await catalog.find_canonical(store, "PlanDefinition",
+                                             catalog.resolve_url(request.query_params["journey"]),
+                                             request.query_params.get("version"))
+        group = f"{found[0]['url']}|{found[0]['version']}" if found else "-"
+    state = request.query_params.get("state")
+    if state not in (None, "pending", "waiting", "awaiting", "done"):
+        raise InvalidRequest("'state' must be pending, waiting, awaiting or done", expression=["state"])
+    records = await store.list_records(RUN, state=state, group=group, limit=_int(request, "limit", 50),
+                                       offset=_int(request, "offset", 0, 10**9))
+    return _json({"runs": [{"run": r.key, "state": r.state, "status": r.data.get("status"),
+                            "journey": r.data.get("canonical"), "patient": r.data.get("patient"),
+                            "step": r.data.get("step"), "due": r.due, "attempts": r.attempts,
+                            "retry": r.data.get("retry")} for r in records]})
+
+
+@router.get("/runs/{run_id}")
+async def run_why(request: Request, run_id: str) -> Response:
+    """Why a run took its path (JSON); ``?format=text`` gives the same transcript as ``journey why``."""
+    await _admin(request)
+    from ..journeys.explain import render, why
+
+    w = await why(request.app.state.store, run_id)
+    if request.query_params.get("format") == "text":
+        return Response(render(w), media_type="text/plain; charset=utf-8")
+    return _json(w)
+
+
 @router.get("/{name}")
 async def list_records(request: Request, name: str) -> Response:
     await _admin(request)

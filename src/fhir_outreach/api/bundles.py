@@ -164,6 +164,7 @@ class BundleProcessor:
                     exc.diagnostics = f"Bundle.entry[{i}]: {exc.diagnostics}"
                     break
             raise
+        await self.ix.committed([(w, r) for (_, w), r in zip(writes, results, strict=True)])
         out: dict[int, dict[str, Any]] = {}
         for (i, write), res in zip(writes, results, strict=True):
             out[i] = self._response_entry(self.ix.result_of(write, res))

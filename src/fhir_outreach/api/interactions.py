@@ -9,7 +9,7 @@ transaction plan every entry first and commit them all-or-nothing.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +21,7 @@ from ..fhir.search import Query, parse_query
 from ..fhir.searchparams import RESOURCE_TYPES, params_for
 from ..fhir.validation import validate_resource
 from ..ids import new_id
+from ..journeys.catalog import check_write
 from ..store.base import MUST_NOT_EXIST, CommitResult, Store, StoredResource, Write, format_instant
 
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -68,12 +69,22 @@ def strip_base(url: str, base: str) -> str:
     return url[len(base) + 1 :] if url.startswith(base + "/") else url
 
 
+CommitHook = Callable[[Sequence[tuple[Write, CommitResult]]], Awaitable[None]]
+JOURNEY_TYPES = ("PlanDefinition", "ActivityDefinition")
+
+
 class Interactions:
-    def __init__(self, store: Store, *, base_url: str, default_count: int = 50, max_count: int = 1000) -> None:
+    def __init__(self, store: Store, *, base_url: str, default_count: int = 50, max_count: int = 1000,
+                 on_commit: CommitHook | None = None) -> None:
         self.store = store
         self.base = base_url.rstrip("/")
         self.default_count = default_count
         self.max_count = max_count
+        self.on_commit = on_commit  # the journey engine's local change feed
+
+    async def committed(self, pairs: Sequence[tuple[Write, CommitResult]]) -> None:
+        if self.on_commit is not None:
+            await self.on_commit(pairs)
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -120,6 +131,8 @@ class Interactions:
         If-None-Exist condition; the store then re-checks it atomically (Conflict if it changed)."""
         check_type(type_)
         validate_resource(resource, type_, root=root)
+        if type_ in JOURNEY_TYPES:
+            await check_write(self.store, resource)
         query = self.condition(type_, if_none_exist, "If-None-Exist") if if_none_exist else None
         if planned is not None:
             rid, match = planned
@@ -145,6 +158,8 @@ class Interactions:
             raise InvalidResource(f"the body's id {body_id!r} does not match the URL id {id_!r}",
                                   expression=[f"{root or type_}.id"])
         await self._canonical_rule(type_, id_, resource)
+        if type_ in JOURNEY_TYPES:
+            await check_write(self.store, resource)
         return Write(type_, id_, resource, expect=parse_etag(if_match))
 
     def plan_delete(self, type_: str, id_: str, *, if_match: str | None = None) -> Write:
@@ -164,6 +179,7 @@ class Interactions:
 
     async def commit_one(self, write: Write) -> Result:
         [res] = await self.store.commit([write])
+        await self.committed([(write, res)])
         return self.result_of(write, res)
 
     async def read(self, type_: str, id_: str) -> StoredResource:

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -43,6 +44,7 @@ class IntakeService:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self.on_events: Callable[[], None] | None = None  # the journey service's wake-up
 
     def wake(self) -> None:
         """Something was just accepted: process it now instead of at the next poll."""
@@ -51,6 +53,8 @@ class IntakeService:
     async def run_once(self) -> int:
         """One round of intake work; returns how many items it handled (0 = idle)."""
         handled = await self.processor.run_once()
+        if handled and self.on_events is not None:
+            self.on_events()
         handled += await recover(self.processor)
         if time.monotonic() - self._last_health >= self.settings.health_interval_seconds:
             self._last_health = time.monotonic()

@@ -173,3 +173,32 @@ class Catalog:
         j = await check_journey(self.store, found[0])
         self._by_canonical[canonical] = j
         return j
+
+
+async def set_control(store: Store, url: str, state: str) -> str:
+    """Pause (no new runs, runs held), resume, or stop (no new runs, every run of every version ends
+    ``stopped``) a journey, by url. Returns the new state."""
+    from ..store.base import Record
+
+    if state not in ("running", "paused", "stopped"):
+        raise InvalidJourney([("state", f"{state!r} is not running, paused or stopped")])
+    versions = await find_canonical(store, "PlanDefinition", url)
+    if not versions:
+        raise InvalidJourney([("url", f"no journey {url}")])
+    canonicals = [f"{p.get('url')}|{p.get('version')}" for p in versions]
+    for _ in range(5):
+        rec = await store.get_record(CONTROL, url)
+        if rec is None:
+            if await store.add_record(Record(CONTROL, url, state=state, data={"canonicals": canonicals})):
+                return state
+            continue
+        rec.state, rec.data = state, {**rec.data, "canonicals": canonicals, "changed": time.time()}
+        if await store.save_record(rec):
+            return state
+    raise BusinessRule(f"journey {url} control kept changing; try again")
+
+
+def resolve_url(name_or_url: str) -> str:
+    from .definition import JOURNEY_URL_BASE
+
+    return name_or_url if "://" in name_or_url else JOURNEY_URL_BASE + name_or_url

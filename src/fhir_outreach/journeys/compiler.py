@@ -147,6 +147,9 @@ def _step(spec: Any, i: int, p: _Problems, tpl_urls: dict[str, str], ids: frozen
         for j, arm in enumerate(body):
             if isinstance(arm, dict) and "else" in arm:
                 arms.append(_arm(sid, "else", str(arm["else"]), ids=ids))
+            elif isinstance(arm, dict) and isinstance(arm.get("label"), bool | int | float):
+                p.add(f"step {sid} arm {j + 1}", f"label {arm['label']!r} is not text; quote it (YAML reads "
+                                                 "yes/no/on/off as booleans)")
             elif isinstance(arm, dict) and "when" in arm:
                 arms.append(_arm(sid, str(arm.get("label") or f"when{j + 1}"), arm.get("goto"), str(arm["when"]), ids=ids))
             else:

@@ -60,6 +60,7 @@ class Worker:
 
 async def run_worker(settings: Settings, store: Store) -> None:
     from ..intake.service import IntakeService
+    from ..journeys.service import JourneyService
 
     await store.open()
     intake: IntakeService | None = None
@@ -67,11 +68,15 @@ async def run_worker(settings: Settings, store: Store) -> None:
         await store.ping()
         intake = IntakeService(settings, store)
         service = intake
+        journeys = JourneyService(settings, store, intake.sources)
 
         async def intake_job(_: Store) -> int:
             return await service.run_once()
 
-        worker = Worker(store, poll_seconds=settings.worker_poll_seconds, jobs=[intake_job])
+        async def journey_job(_: Store) -> int:
+            return await journeys.run_once()
+
+        worker = Worker(store, poll_seconds=settings.worker_poll_seconds, jobs=[intake_job, journey_job])
         gc.freeze()  # start-up objects live for the whole process (see app.create_app)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

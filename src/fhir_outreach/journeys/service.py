@@ -1,0 +1,93 @@
+"""The journey service of one process: catalog, engine, local change feed and write-back outbox, and the
+loop that runs them. ``serve`` runs the loop in-process (unless ``FHIR_OUTREACH_SERVE_WORKER=false``);
+every ``fhir-outreach worker`` runs it too. Work is shared through leases in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from ..fhir.client import SourceClients
+from ..intake.topics import load_topics
+from ..settings import Settings
+from ..store import Store
+from ..work.clock import Clock
+from .catalog import Catalog
+from .feed import LocalFeed
+from .runner import Engine, worker_id
+
+log = logging.getLogger("fhir_outreach.journeys")
+
+
+class JourneyService:
+    def __init__(self, settings: Settings, store: Store, sources: SourceClients, *,
+                 clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        topics = load_topics()
+        self.catalog = Catalog(store)
+        self.outbox: Any = None
+        writeback = None
+        if settings.writeback_source:
+            from ..work.outbox import Outbox, enqueue
+
+            source = settings.writeback_source
+            self.outbox = Outbox(store, sources, owner=worker_id(), clock=clock)
+            the_clock = clock
+
+            async def writeback_fn(resources: Sequence[dict[str, Any]]) -> None:
+                await enqueue(store, source, resources, now=the_clock.now() if the_clock else None)
+
+            writeback = writeback_fn
+        periodic = settings.writeback_source or (settings.sources[0].name if settings.sources else None)
+        self.engine = Engine(store, clock=clock, sources=sources, lease_seconds=settings.journey_lease_seconds,
+                             base_url=settings.fhir_base, writeback=writeback, catalog=self.catalog, topics=topics,
+                             periodic_source=periodic)
+        self._wake = asyncio.Event()
+        self.feed = LocalFeed(store, self.catalog, topics, wake=self.wake)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run_once(self) -> int:
+        handled = await self.engine.run_once()
+        if self.outbox is not None:
+            handled += await self.outbox.run_once()
+        return handled
+
+    async def drain(self, rounds: int = 1000) -> int:
+        total = 0
+        for _ in range(rounds):
+            n = await self.run_once()
+            total += n
+            if not n:
+                break
+        return total
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="journey-loop")
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = await self.run_once()
+            except Exception:
+                log.exception("journey loop round failed; retrying")
+                handled = 0
+            if not handled:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.settings.worker_poll_seconds)
+                self._wake.clear()
+
+    async def aclose(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
