@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from ..errors import InvalidJourney
 from .compiler import compile_journey, decompile
