@@ -57,6 +57,24 @@ def cmd_validate(args: argparse.Namespace, settings: Settings | None) -> int:
     return 1 if failed else 0
 
 
+def cmd_compile(args: argparse.Namespace, settings: Settings | None) -> int:
+    """Write each YAML journey's FHIR JSON Bundle beside it (``name.yaml`` → ``name.json``)."""
+    failed = 0
+    for path in args.files:
+        try:
+            plan, templates = read_file(path)
+            parse_journey(plan, {f"{t.get('url')}|{t.get('version')}": t for t in templates},
+                          known_topics=topic_names())
+        except InvalidJourney as exc:
+            failed += 1
+            print(f"{path}: INVALID\n{_problems(exc)}")
+            continue
+        out = Path(path).with_suffix(".json")
+        out.write_text(dump(plan, templates, "json"))
+        print(f"{path} -> {out}")
+    return 1 if failed else 0
+
+
 def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     async def run(store: Store) -> int:
         failed = 0
@@ -168,13 +186,15 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings | None) -> int:
     return 0
 
 
-NO_STORE = {"validate", "simulate"}
+NO_STORE = {"validate", "simulate", "compile"}
 
 
 def add_parser(sub: Any, dispatch: Callable[[argparse.Namespace], int]) -> None:
     journey = sub.add_parser("journey", help="journeys: validate, load, export, list, runs, why, simulate...")
     jsub = journey.add_subparsers(dest="journey_command", required=True)
     p = jsub.add_parser("validate", help="check journey files (YAML or FHIR JSON) without a store")
+    p.add_argument("files", nargs="+")
+    p = jsub.add_parser("compile", help="write each YAML journey's FHIR JSON Bundle beside it")
     p.add_argument("files", nargs="+")
     p = jsub.add_parser("load", help="check and store journey files with their templates")
     p.add_argument("files", nargs="+")
@@ -207,6 +227,6 @@ def add_parser(sub: Any, dispatch: Callable[[argparse.Namespace], int]) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Any], int]] = {
-    "validate": cmd_validate, "load": cmd_load, "export": cmd_export, "list": cmd_list, "activate": cmd_status,
+    "validate": cmd_validate, "compile": cmd_compile, "load": cmd_load, "export": cmd_export, "list": cmd_list, "activate": cmd_status,
     "retire": cmd_status, "pause": cmd_status, "resume": cmd_status, "stop": cmd_status, "runs": cmd_runs,
     "why": cmd_why, "simulate": cmd_simulate}

@@ -10,11 +10,13 @@ FHIR API and the CLI enforce the same rules.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 from ..errors import InvalidJourney
 from .definition import (
     ARM_SYSTEM,
+    CHANNELS,
     EXT,
     FHIRPATH,
     JOURNEY_URL_BASE,
@@ -34,6 +36,8 @@ DISCLAIMER = ("Template for illustration only. Not a medical device and not clin
               "(SNOMED CT, LOINC, ...).")
 TOP_KEYS = {"journey", "url", "version", "title", "status", "description", "trigger", "reentry", "binding",
             "exit", "goal", "data", "templates", "steps", "copyright", "id"}
+ISO_DURATION = re.compile(r"P(?!$)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+S)?)?")
+ARM_CODES = ("event", "timeout", "error", "sms", "email", "portal", "none", "else")
 STEP_KEYS = {"id", "title", "next", "after", "on-event", "on-timeout", "on-error", *STEP_KINDS}
 
 
@@ -61,8 +65,11 @@ def _related(target: str, delay: str | None = None) -> list[dict[str, Any]]:
 
 def _arm(step_id: str, label: str, target: str | None, condition: str | None = None, *,
          ids: frozenset[str] = frozenset()) -> dict[str, Any]:
-    arm: dict[str, Any] = {"id": f"{step_id}-{label}",
-                           "code": [{"coding": [{"system": ARM_SYSTEM, "code": label}]}]}
+    arm: dict[str, Any] = {"id": f"{step_id}-{label}"}
+    if label in ARM_CODES:
+        arm["code"] = [{"coding": [{"system": ARM_SYSTEM, "code": label}]}]
+    else:  # a branch arm's own name is free text, not a code of the journey-arm system
+        arm["title"] = label
     if condition is not None:
         arm["condition"] = [{"kind": "applicability", "expression": _expr(condition)}]
     if target and (target != "end" or "end" in ids):  # "end" ends the run unless a step is named so
@@ -114,10 +121,10 @@ def _template(name: str, spec: Any, p: _Problems, version: str) -> dict[str, Any
         if key in ("kind", "url", "version", "title"):
             continue
         expr = value
-        if key == "medium" and not str(value).startswith(("'", "%", "(")):
+        if key == "medium" and str(value) in CHANNELS:
             expr = f"'{value}'"  # a bare channel name is a literal
-        if key == "due" and str(value).startswith("P"):
-            expr = f"'{value}'"
+        if key == "due" and ISO_DURATION.fullmatch(str(value)):
+            expr = f"'{value}'"  # so is a bare duration
         res["dynamicValue"].append({"path": key, "expression": _expr(expr)})
     return res
 
@@ -387,7 +394,7 @@ def _yaml_step(a: dict[str, Any], by_canonical: dict[str, str]) -> dict[str, Any
     out: dict[str, Any] = {"id": a.get("id")}
     if a.get("title"):
         out["title"] = a["title"]
-    arms = {(_code(arm, ARM_SYSTEM) or arm.get("id")): arm for arm in a.get("action") or []}
+    arms = {(_code(arm, ARM_SYSTEM) or arm.get("title") or arm.get("id")): arm for arm in a.get("action") or []}
     target = {label: _next(arm)[0] or "end" for label, arm in arms.items()}
     if kind == "branch":
         body = []

@@ -370,7 +370,7 @@ def _step(action: Mapping[str, Any], i: int, problems: list[tuple[str, str]]) ->
     nxt, delay = _target(action, where, problems)
     arms: list[Arm] = []
     for j, arm in enumerate(action.get("action") or []):
-        label = _code(arm, ARM_SYSTEM) or str(arm.get("id") or f"arm{j}")
+        label = _code(arm, ARM_SYSTEM) or str(arm.get("title") or arm.get("id") or f"arm{j}")
         conds = arm.get("condition") or []
         cond = _expression(conds[0].get("expression"), f"{where} arm {label}", problems) if conds else None
         target, arm_delay = _target(arm, f"{where} arm {label}", problems)
@@ -514,7 +514,8 @@ def parse_journey(plan: Mapping[str, Any], templates: Mapping[str, Mapping[str, 
         plan_id=str(plan["id"]) if plan.get("id") else None)
     _check_graph(journey, problems)
     for where, expr in journey.expressions():
-        _syntax(expr, where, problems)
+        if not where.startswith("template "):  # parse_template checked those
+            _syntax(expr, where, problems)
     if problems:
         raise InvalidJourney(problems, label=label)
     return journey

@@ -131,7 +131,7 @@ class RunContext:
     async def variables(self, expression: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         env: dict[str, Any] = {
             "current": self.data.get("current"), "previous": self.data.get("previous"),
-            "event": self.data.get("event"), "now": fhir_instant(self.now),
+            "event": self.data.get("event"), "now": fhir_instant(self.now), "today": fhir_instant(self.now)[:10],
             "run": {"id": self.run_id, "journey": self.journey.canonical, "outputs": list(self.data.get("outputs") or []),
                     "step": self.data.get("step"), "binding": self.data.get("binding")},
         }
@@ -375,7 +375,9 @@ class Engine:
             if not journey.exit:
                 continue
             try:
-                ok = evaluate_boolean(journey.exit, resource, {"current": resource, "previous": ev.get("previous")})
+                ok = evaluate_boolean(journey.exit, resource, {"current": resource, "previous": ev.get("previous"),
+                                                               "binding": run.data.get("binding"),
+                                                               "trigger": run.data.get("current")})
             except FhirPathError:
                 continue
             if ok and await self._stop_run(run, "exited", f"exit criteria met by {ev.get('focus')}"):
@@ -678,7 +680,8 @@ class Engine:
         for res in found:
             if trig.condition:
                 try:
-                    ok = evaluate_boolean(trig.condition, res, {"current": res, "now": fhir_instant(now)})
+                    ok = evaluate_boolean(trig.condition, res, {"current": res, "now": fhir_instant(now),
+                                                                "today": fhir_instant(now)[:10]})
                 except FhirPathError as exc:
                     log.warning("periodic trigger of %s: %s", journey.canonical, exc.diagnostics)
                     continue
