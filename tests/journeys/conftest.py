@@ -53,6 +53,7 @@ class Live:
         store = self.app.state.store
         dues = [r.due for st in ("waiting", "awaiting", "pending") for r in await store.list_records("run", state=st,
                                                                                                       limit=1000)]
+        dues += [r.due for r in await store.list_records("tick", state="pending", limit=1000)]  # periodic triggers
         return min(dues) if dues else None
 
     async def load(self, name: str) -> dict[str, Any]:
