@@ -19,7 +19,8 @@ from ..store.base import Record
 from .http import fhir_response, read_body
 
 router = APIRouter(prefix="/admin")
-KINDS = {"inbox": inbox.INBOX, "events": EVENT, "recoveries": RECOVERY, "audit": AUDIT, "hooks": HOOK}
+KINDS = {"inbox": inbox.INBOX, "events": EVENT, "recoveries": RECOVERY, "audit": AUDIT, "hooks": HOOK,
+         "outbox": "outbox", "deliveries": "delivery"}
 
 
 async def _admin(request: Request) -> None:
