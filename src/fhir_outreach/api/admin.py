@@ -211,8 +211,8 @@ async def list_runs(request: Request) -> Response:
                                              request.query_params.get("version"))
         group = f"{found[0]['url']}|{found[0]['version']}" if found else "-"
     state = request.query_params.get("state")
-    if state not in (None, "pending", "waiting", "awaiting", "done"):
-        raise InvalidRequest("'state' must be pending, waiting, awaiting or done", expression=["state"])
+    if state not in (None, "pending", "waiting", "awaiting", "held", "done"):
+        raise InvalidRequest("'state' must be pending, waiting, awaiting, held or done", expression=["state"])
     records = await store.list_records(RUN, state=state, group=group, limit=_int(request, "limit", 50),
                                        offset=_int(request, "offset", 0, 10**9))
     return _json({"runs": [{"run": r.key, "state": r.state, "status": r.data.get("status"),

@@ -107,9 +107,23 @@ async def load(store: Store, plan: dict[str, Any], templates: Sequence[dict[str,
                                "(runs stay on the version they started with)")
         writes.append(prepare(Write(type_, str(res["id"]), res), base_url))
         report.append(f"{type_}/{res['id']} created")
+    if plan.get("status") == "active":
+        writes += await _retire_others(store, str(plan["url"]), str(plan["version"]), report, base_url)
     if writes:
         await store.commit(writes)
     return journey, report
+
+
+async def _retire_others(store: Store, url: str, version: str, report: list[str],
+                         base_url: str | None) -> list[Write]:
+    """One active version per journey: activating a version retires the others. Their runs go on on the
+    version they started with; new runs start on the active one."""
+    out = []
+    for other in await find_canonical(store, "PlanDefinition", url):
+        if other.get("version") != version and other.get("status") == "active":
+            out.append(prepare(Write("PlanDefinition", str(other["id"]), {**other, "status": "retired"}), base_url))
+            report.append(f"PlanDefinition/{other['id']} ({url}|{other.get('version')}) retired")
+    return out
 
 
 async def set_status(store: Store, url: str, version: str | None, status: str) -> list[str]:
@@ -117,11 +131,13 @@ async def set_status(store: Store, url: str, version: str | None, status: str) -
     found = await find_canonical(store, "PlanDefinition", url, version)
     if not found:
         raise InvalidJourney([("url", f"no journey {url}{'|' + version if version else ''}")])
-    writes = [Write("PlanDefinition", str(p["id"]), {**p, "status": status}) for p in found[:1]]
-    for w in writes:
-        prepare(w, None)
+    plan = found[0]
+    report = [f"PlanDefinition/{plan['id']} {status}"]
+    writes = [prepare(Write("PlanDefinition", str(plan["id"]), {**plan, "status": status}), None)]
+    if status == "active":
+        writes += await _retire_others(store, url, str(plan.get("version")), report, None)
     await store.commit(writes)
-    return [f"PlanDefinition/{w.id} {status}" for w in writes]
+    return report
 
 
 async def journeys(store: Store) -> list[dict[str, Any]]:
@@ -192,7 +208,9 @@ async def set_control(store: Store, url: str, state: str) -> str:
             if await store.add_record(Record(CONTROL, url, state=state, data={"canonicals": canonicals})):
                 return state
             continue
-        rec.state, rec.data = state, {**rec.data, "canonicals": canonicals, "changed": time.time()}
+        release = state == "running" and rec.state == "paused"  # the engine puts the parked runs back
+        rec.state, rec.data = state, {**rec.data, "canonicals": canonicals, "changed": time.time(),
+                                      **({"release": True} if release else {})}
         if await store.save_record(rec):
             return state
     raise BusinessRule(f"journey {url} control kept changing; try again")

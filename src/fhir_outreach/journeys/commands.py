@@ -213,7 +213,7 @@ def add_parser(sub: Any, dispatch: Callable[[argparse.Namespace], int]) -> None:
     p = jsub.add_parser("runs", help="list runs, newest first")
     p.add_argument("--journey")
     p.add_argument("--version")
-    p.add_argument("--state", choices=["pending", "waiting", "awaiting", "done"])
+    p.add_argument("--state", choices=["pending", "waiting", "awaiting", "held", "done"])
     p.add_argument("--limit", type=int, default=50)
     p = jsub.add_parser("why", help="the path a run took, with condition values and evidence")
     p.add_argument("run")

@@ -41,6 +41,7 @@ WAITER = "waiter"
 MEMBER = "member"
 TICK = "tick"
 DELIVERY = "delivery"  # a non-portal message handed to the channel layer
+HELD = "held"  # run state while its journey is paused (not claimable)
 MAX_STEPS_PER_ROUND = 200
 Writeback = Callable[[Sequence[dict[str, Any]]], Awaitable[None]]
 
@@ -341,8 +342,9 @@ class Engine:
         now = self.clock.now()
         for _ in range(5):
             run = await self.store.get_record(RUN, str(waiter.data["run"]))
-            stale = run is None or run.state != "awaiting" or (run.data.get("await") or {}).get("seq") != \
-                waiter.data.get("seq")
+            held = run is not None and run.state == HELD and (run.data.get("held") or {}).get("state") == "awaiting"
+            stale = run is None or (run.state != "awaiting" and not held) or \
+                (run.data.get("await") or {}).get("seq") != waiter.data.get("seq")
             if stale:
                 waiter.state = "done"
                 await self.store.save_record(waiter, now=now)
@@ -351,7 +353,10 @@ class Engine:
             if run.lease_until > now:  # a worker holds it (its timeout may be firing): try this event again later
                 raise _Busy(f"run {run.key} is being executed")
             run.data = {**run.data, "resume": {"event": resource, "key": event_key, "at": now}}
-            run.due = now
+            if held:  # the engagement is kept; the run takes it when its journey is resumed
+                run.data["held"] = {**run.data["held"], "due": now}
+            else:
+                run.due = now
             if await self.store.save_record(run, now=now):
                 waiter.state = "done"
                 await self.store.save_record(waiter, now=now)
@@ -416,8 +421,11 @@ class Engine:
         if control == "stopped":
             await self._stop_run(rec, "stopped", "journey stopped", leased=True)
             return
-        if control == "paused":
-            raise _Retry(30.0, "journey paused")
+        if control == "paused":  # park it, off the claim index, until the journey is resumed
+            rec.data = {**rec.data, "held": {"state": rec.state, "due": rec.due}}
+            rec.state, rec.lease_owner, rec.lease_until = HELD, None, 0.0
+            await self.store.save_record(rec, now=self.clock.now())
+            return
         ctx = RunContext(self, rec, journey)
         data = rec.data
         path: list[dict[str, Any]] = data.setdefault("path", [])
@@ -622,17 +630,37 @@ class Engine:
         return await self._control(url) in ("paused", "stopped")
 
     async def apply_stops(self, limit: int = 100) -> int:
+        """Stop every run of stopped journeys; put the runs parked while paused back once resumed."""
+        handled = await self._release_held(limit)
         stops = await self.store.list_records(CONTROL, state="stopped", limit=50)
-        handled = 0
         for ctl in stops:
             for canonical in ctl.data.get("canonicals") or []:
-                for state in ("pending", "waiting", "awaiting"):
+                for state in ("pending", "waiting", "awaiting", HELD):
                     for run in await self.store.list_records(RUN, state=state, group=canonical, limit=limit):
                         try:
                             await self._stop_run(run, "stopped", "journey stopped")
                             handled += 1
                         except _Busy:
                             continue
+        return handled
+
+    async def _release_held(self, limit: int) -> int:
+        handled = 0
+        now = self.clock.now()
+        for ctl in await self.store.list_records(CONTROL, state="running", limit=50):
+            if not ctl.data.get("release"):
+                continue
+            found = 0
+            for canonical in ctl.data.get("canonicals") or []:
+                for run in await self.store.list_records(RUN, state=HELD, group=canonical, limit=limit):
+                    found += 1
+                    held = run.data.pop("held", None) or {"state": "pending", "due": now}
+                    run.state, run.due = str(held["state"]), float(held["due"])
+                    if await self.store.save_record(run, now=now):
+                        handled += 1
+            if not found:
+                ctl.data = {k: v for k, v in ctl.data.items() if k != "release"}
+                await self.store.save_record(ctl, now=now)
         return handled
 
     async def fire_ticks(self) -> int:
