@@ -46,6 +46,19 @@ class _Problems(list[tuple[str, str]]):
         self.append((where, why))
 
 
+def machine_name(name: str) -> str:
+    """``patient-discharge`` → ``PatientDischarge`` (FHIR wants a name usable as an identifier: pdf-0)."""
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[-_\s]+", name) if part)
+
+
+def author_name(resource: dict[str, Any], base: str) -> str:
+    """The YAML name back: the tail of our own url, else the machine name in kebab case."""
+    url = str(resource.get("url") or "")
+    if url.startswith(base):
+        return url[len(base):]
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", str(resource.get("name") or "")).lower()
+
+
 def _expr(text: Any) -> dict[str, str]:
     return {"language": FHIRPATH, "expression": str(text)}
 
@@ -114,7 +127,7 @@ def _template(name: str, spec: Any, p: _Problems, version: str) -> dict[str, Any
     res: dict[str, Any] = {
         "resourceType": "ActivityDefinition", "id": _id_for(url, ver),
         "meta": {"profile": [MESSAGE_PROFILE if kind == "message" else TASK_PROFILE]},
-        "url": url, "version": ver, "name": name.replace("-", "_"), "title": str(spec.get("title") or name),
+        "url": url, "version": ver, "name": machine_name(name), "title": str(spec.get("title") or name),
         "status": "active", "kind": "CommunicationRequest" if kind == "message" else "Task",
         "usage": DISCLAIMER, "dynamicValue": []}
     for key, value in spec.items():
@@ -239,7 +252,7 @@ def compile_journey(doc: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     actions = [start] + [a for i, s in enumerate(steps_spec) if (a := _step(s, i, p, tpl_urls, ids))]
     plan: dict[str, Any] = {
         "resourceType": "PlanDefinition", "id": str(doc.get("id") or _id_for(url, version)),
-        "meta": {"profile": [PROFILE]}, "url": url, "version": version, "name": name.replace("-", "_"),
+        "meta": {"profile": [PROFILE]}, "url": url, "version": version, "name": machine_name(name),
         "title": str(doc.get("title") or name), "status": str(doc.get("status") or "draft"),
         "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/plan-definition-type",
                              "code": "workflow-definition"}]},
@@ -307,7 +320,7 @@ def decompile(plan: dict[str, Any], templates: list[dict[str, Any]]) -> dict[str
     """PlanDefinition + ActivityDefinitions → the YAML form (as a mapping, ready for ``yaml.safe_dump``)."""
     actions = plan.get("action") or []
     start = actions[0] if actions else {}
-    name = str(plan.get("name") or "").replace("_", "-")
+    name = author_name(plan, JOURNEY_URL_BASE)
     version = str(plan.get("version") or "")
     doc: dict[str, Any] = {"journey": name}
     if plan.get("url") != JOURNEY_URL_BASE + name:
@@ -350,7 +363,7 @@ def decompile(plan: dict[str, Any], templates: list[dict[str, Any]]) -> dict[str
     by_canonical: dict[str, str] = {}
     tdocs: dict[str, Any] = {}
     for tpl in templates:
-        tname = str(tpl.get("name") or "").replace("_", "-")
+        tname = author_name(tpl, TEMPLATE_URL_BASE)
         by_canonical[f"{tpl.get('url')}|{tpl.get('version')}"] = tname
         by_canonical[str(tpl.get("url"))] = tname
         tdoc: dict[str, Any] = {"kind": "message" if tpl.get("kind") == "CommunicationRequest" else "task"}
