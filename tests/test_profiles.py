@@ -439,9 +439,9 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("wait-for:context0", lambda j: _step(j, "read").update(code=coded(STEP, "wait"))),
     ("update-target:context0", lambda j: _step(j, "bump").update(code=coded(STEP, "branch"))),
     ("wf-1", lambda j: _ext(_step(j, "read"), "wait-for")["extension"][2]["valueExpression"].update(language="text/cql")),
-    ("om-1", lambda m: m["dynamicValue"].append({"path": "sender", "expression": fp("%patient")})),
+    ("om-1", lambda m: m["dynamicValue"].append({"path": "timing", "expression": fp("%patient")})),
     ("om-2", lambda m: m["dynamicValue"].append({"path": "payload", "expression": fp("'again'")})),
-    ("ot-1", lambda t: t["dynamicValue"].append({"path": "focus", "expression": fp("%current")})),
+    ("ot-1", lambda t: t["dynamicValue"].append({"path": "timing", "expression": fp("%current")})),
     ("ot-2", lambda t: t["dynamicValue"].append({"path": "due", "expression": fp("'P2D'")})),
 ]
 
