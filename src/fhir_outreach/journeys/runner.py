@@ -14,11 +14,14 @@ produce a second Communication or Task. A run is also written as a ``RequestGrou
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
+
+import orjson
 
 from ..errors import Conflict, FhirError, InvalidJourney, NotFound, PreconditionFailed
 from ..fhir.client import SourceClients, SourceError, SourceUnavailable
@@ -284,7 +287,8 @@ class Engine:
             if member is None:
                 entry = 1
                 member = Record(MEMBER, key, state="active", group=patient, data={
-                    "journey": journey.url, "entries": 1, "event": event_key, "started": now})
+                    "journey": journey.url, "entries": 1, "event": event_key, "started": now,
+                    "run": steps.derived_id(f"run|{journey.canonical}|{patient}|{binding}|1")})
                 if not await self.store.add_record(member, now=now):
                     continue
             elif member.data.get("event") == event_key:
@@ -301,7 +305,8 @@ class Engine:
                         return f"re-entry not before {fhir_instant(allowed)}"
                 entry = int(member.data.get("entries") or 0) + 1
                 member.state = "active"
-                member.data = {**member.data, "entries": entry, "event": event_key, "started": now}
+                member.data = {**member.data, "entries": entry, "event": event_key, "started": now,
+                               "run": steps.derived_id(f"run|{journey.canonical}|{patient}|{binding}|{entry}")}
                 if not await self.store.save_record(member, now=now):
                     continue
             run_id = steps.derived_id(f"run|{journey.canonical}|{patient}|{binding}|{entry}")
@@ -584,11 +589,12 @@ class Engine:
         """Write the RequestGroup, release the lease and store the run (compare-and-set)."""
         group = request_group(rec, journey)
         written: list[dict[str, Any]] = []
-        existing = await self.store.read("RequestGroup", rec.key)
-        if existing is None or existing.resource is None or _rg_content(existing.resource) != _rg_content(group):
+        digest = hashlib.sha256(orjson.dumps(group, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+        if rec.data.get("rg_hash") != digest:  # unchanged since the last save: no new version
             [res] = await self.store.commit([prepare(Write("RequestGroup", rec.key, group), self.base_url)],
                                             now=to_datetime(ctx.now))
             written.append(res.stored.resource or group)
+            rec.data["rg_hash"] = digest
         if self.writeback is not None:
             outputs = []
             for ref in ctx.written:
@@ -778,7 +784,3 @@ def request_group(rec: Record, journey: Journey) -> dict[str, Any]:
     if actions:
         group["action"] = actions
     return group
-
-
-def _rg_content(resource: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in resource.items() if k not in ("meta", "text")}
