@@ -165,3 +165,20 @@ async def test_every_branch_of_the_discharge_journey(live: Live) -> None:
     [(_, plan_ref, canonical)] = [w for w in whats if str(w[1]).startswith("PlanDefinition/")]
     assert canonical == "http://fhir-outreach.org/journeys/patient-discharge|1.0.0"
     assert (await live.http.get(f"/fhir/{plan_ref}")).json()["version"] == "1.0.0"
+
+    # The same explanation as a FHIR operation: a valid Parameters resource with each step and the transcript.
+    from fhir.resources.R4B.parameters import Parameters
+
+    r = await live.http.get(f"/fhir/RequestGroup/{high_run}/$why")
+    assert r.status_code == 200, r.text
+    params = r.json()
+    Parameters.model_validate(params)
+    steps = [p for p in params["parameter"] if p["name"] == "step"]
+    assert [next(x["valueString"] for x in s["part"] if x["name"] == "step") for s in steps] == ["risk", "call"]
+    cond = next(x for x in steps[0]["part"] if x["name"] == "condition")
+    assert {"name": "value", "valueBoolean": True} in cond["part"]
+    assert "risk (branch)" in next(p["valueString"] for p in params["parameter"] if p["name"] == "transcript")
+    wrong = await live.http.get(f"/fhir/Task/{call['id']}/$why")
+    assert wrong.status_code == 400 and wrong.json()["issue"][0]["code"] == "not-supported"
+    missing = await live.http.get("/fhir/RequestGroup/nope/$why")
+    assert missing.status_code == 404 and missing.json()["resourceType"] == "OperationOutcome"

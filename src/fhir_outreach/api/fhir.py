@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..auth import Access, Principal
-from ..errors import InvalidRequest, NotFound, UnsupportedMediaType
+from ..errors import InvalidRequest, NotFound, NotSupported, UnsupportedMediaType
 from ..fhir.validation import parse_json
 from .bundles import BundleProcessor
 from .http import FHIR_JSON, fhir_response, prefer, read_body, require_json, response_type
@@ -173,6 +173,20 @@ async def history_instance(request: Request, type_: str, id_: str) -> Response:
     await _principal(request, check_type(type_), "read")
     bundle = await _ix(request).history(type_, id_, list(request.query_params.multi_items()))
     return fhir_response(bundle, media_type=media)
+
+
+@router.get("/{type_}/{id_}/$why")
+async def why(request: Request, type_: str, id_: str) -> Response:
+    """``GET /fhir/RequestGroup/{run}/$why``: why a journey run took its path, as a ``Parameters`` resource
+    (each executed step with its condition values, evidence and outputs, and the transcript)."""
+    media = response_type(request)
+    if type_ != "RequestGroup":
+        raise NotSupported(f"$why is an operation on RequestGroup (a journey run), not on {type_}")
+    await _principal(request, "RequestGroup", "read")
+    from ..journeys.explain import as_parameters
+    from ..journeys.explain import why as explain
+
+    return fhir_response(as_parameters(await explain(request.app.state.store, id_)), 200, None, media)
 
 
 @router.get("/{type_}/{id_}/_history/{vid}")

@@ -74,3 +74,37 @@ def render(w: dict[str, Any]) -> str:
         for n in s.get("notes") or []:
             lines.append(f"        note: {n}")
     return "\n".join(lines) + "\n"
+
+
+def as_parameters(w: dict[str, Any]) -> dict[str, Any]:
+    """The explanation as a FHIR ``Parameters`` resource (the ``$why`` operation's answer)."""
+    params: list[dict[str, Any]] = [
+        {"name": "run", "valueReference": {"reference": f"RequestGroup/{w['run']}"}},
+        {"name": "journey", "valueCanonical": str(w["journey"])},
+        {"name": "patient", "valueReference": {"reference": str(w["patient"])}},
+        {"name": "status", "valueCode": str(w["status"])},
+    ]
+    if w["trigger"].get("focus"):
+        params.append({"name": "trigger", "valueReference": {"reference": str(w["trigger"]["focus"])}})
+    if "goal_met" in w and w["goal_met"] is not None:
+        params.append({"name": "goalMet", "valueBoolean": bool(w["goal_met"])})
+    for s in w["steps"]:
+        parts: list[dict[str, Any]] = [
+            {"name": "seq", "valueInteger": int(s["seq"])}, {"name": "step", "valueString": str(s["step"])},
+            {"name": "kind", "valueCode": str(s["kind"])}, {"name": "at", "valueDateTime": s["at"]},
+            {"name": "note", "valueString": str(s.get("note") or "-")}]
+        if s.get("arm"):
+            parts.append({"name": "arm", "valueString": str(s["arm"])})
+        for v in s.get("values") or []:
+            value = v.get("value")
+            vpart = {"valueBoolean": value} if isinstance(value, bool) else {"valueString": _value(value)}
+            parts.append({"name": "condition", "part": [
+                {"name": "arm", "valueString": str(v.get("arm"))},
+                {"name": "expression", "valueString": str(v.get("expression"))}, {"name": "value", **vpart}]})
+        if s.get("error"):
+            parts.append({"name": "error", "valueString": str(s["error"])})
+        parts += [{"name": "evidence", "valueReference": {"reference": r}} for r in s.get("evidence") or []]
+        parts += [{"name": "output", "valueReference": {"reference": r}} for r in s.get("outputs") or []]
+        params.append({"name": "step", "part": parts})
+    params.append({"name": "transcript", "valueString": render(w)})
+    return {"resourceType": "Parameters", "parameter": params}
