@@ -27,6 +27,8 @@ from .api.interactions import Interactions
 from .api.routing import OutreachApp, error_response, internal_error, method_not_allowed, not_found
 from .auth import Authenticator
 from .errors import FhirError, InvalidRequest
+from .channels.signing import derive_key
+from .intake.hooks import load_master_key
 from .intake.service import IntakeService
 from .journeys.service import JourneyService
 from .settings import Settings
@@ -62,6 +64,7 @@ def create_app(settings: Settings, store: Store | None = None, *, run_background
                                                     jwt=bool(settings.jwt_issuer), started=format_instant(utcnow()))
         app.state.intake = intake
         app.state.hooks = intake.hooks
+        app.state.channel_key = derive_key(load_master_key(settings.hook_master_key, settings.data_dir))
         intake.on_events = journeys.wake
         if settings.serve_worker and run_background:
             intake.start()

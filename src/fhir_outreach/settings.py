@@ -59,6 +59,33 @@ class Settings(BaseSettings):
         None, description="Name of the source server that journey outcomes are also written to (default: none)")
     journey_lease_seconds: float = Field(
         60.0, gt=0, description="How long a worker holds a journey run while it executes steps")
+    # --- channels (delivery of journey messages) -------------------------------------------------
+    smtp_host: str | None = Field(None, description="SMTP server for email (unset: the email channel is off)")
+    smtp_port: int = Field(587, ge=1, le=65535, description="SMTP port")
+    smtp_security: Literal["starttls", "tls", "none"] = Field("starttls", description="SMTP transport security")
+    smtp_username: str | None = Field(None, description="SMTP user (with a password: AUTH)")
+    smtp_password: str | None = Field(None, description="SMTP password")
+    email_from: str = Field("outreach@localhost", description="From address of outreach email")
+    sms_provider: Literal["none", "twilio", "webhook"] = Field("none", description="SMS provider API")
+    sms_api_url: str | None = Field(None, description="SMS provider base URL (Twilio API root or a JSON webhook URL)")
+    sms_account_sid: str | None = Field(None, description="Twilio-compatible account SID")
+    sms_auth_token: str | None = Field(None, description="Twilio-compatible auth token (also signs callbacks)")
+    sms_from: str | None = Field(None, description="Sender number (E.164) or messaging service id")
+    sms_webhook_secret: str | None = Field(None, description="HMAC secret of the generic JSON SMS provider")
+    sms_default_region: str = Field("US", description="Region for phone numbers written without a country code")
+    teams_webhook_url: str | None = Field(
+        None, description="Teams incoming-webhook / Workflows URL used when a Practitioner has none of their own")
+    vapid_private_key: str | None = Field(None, description="VAPID private key (PEM file path or base64url) for Web Push")
+    vapid_subject: str = Field("mailto:outreach@localhost", description="VAPID subject (mailto: or https: URL)")
+    quiet_hours: str | None = Field("21:00-08:00", description="Local hours with no patient messages (HH:MM-HH:MM)")
+    default_timezone: str = Field("UTC", description="Time zone for quiet hours when the patient has none")
+    cap_per_day: int = Field(3, ge=0, description="Most outreach messages per patient per channel per rolling day")
+    cap_per_week: int = Field(10, ge=0, description="Most outreach messages per patient per channel per rolling week")
+    message_expiry_hours: float = Field(72.0, gt=0, description="A message not sendable within this many hours is dropped")
+    consent_outreach: Literal["restrictive", "non-restrictive", "disabled"] = Field(
+        "restrictive", description="Consent enforcement for outreach messages")
+    consent_transactional: Literal["restrictive", "non-restrictive", "disabled"] = Field(
+        "non-restrictive", description="Consent enforcement for transactional messages")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
     @field_validator("api_tokens", "jwt_algorithms", mode="before")

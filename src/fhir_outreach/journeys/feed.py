@@ -17,7 +17,7 @@ from typing import Any
 from ..intake.processor import EVENT
 from ..intake.topics import Topic
 from ..store import Store, Write
-from ..store.base import CommitResult, Record
+from ..store.base import CommitResult, Record, StoredResource
 from .catalog import Catalog
 from .definition import IDENTIFIER_SYSTEM
 from .matcher import patient_of
@@ -30,6 +30,22 @@ def _engagement(resource: dict[str, Any]) -> bool:
         return True
     return any(i.get("system") == IDENTIFIER_SYSTEM for i in resource.get("identifier") or []
                if isinstance(i, dict))
+
+
+async def emit(store: Store, stored: StoredResource, *, created: bool, source: str = SOURCE,
+               previous: dict[str, Any] | None = None) -> str:
+    """Record a change of ours as an ``event`` (what journeys consume), with the version before it."""
+    if previous is None and stored.version > 1:
+        prior = await store.vread(stored.type, stored.id, stored.version - 1)
+        previous = prior.resource if prior is not None else None
+    focus = f"{stored.type}/{stored.id}"
+    key = f"{source}|{focus}|v{stored.version}|live"
+    await store.add_record(Record(EVENT, key, group=source, data={
+        "source": source, "hook": None, "subscription": None, "topic": None, "shape": source,
+        "interaction": "create" if created else "update", "focus": focus, "version": str(stored.version),
+        "resource": stored.resource, "previous": previous, "patient": patient_of(stored.resource, focus),
+        "received": time.time()}))
+    return key
 
 
 class LocalFeed:
@@ -66,16 +82,7 @@ class LocalFeed:
                     watched = await self.watched_types()
                 if write.type not in watched:
                     continue
-            previous = None
-            if stored.version > 1:
-                prior = await self.store.vread(stored.type, stored.id, stored.version - 1)
-                previous = prior.resource if prior is not None else None
-            focus = f"{stored.type}/{stored.id}"
-            await self.store.add_record(Record(EVENT, f"{SOURCE}|{focus}|v{stored.version}|live", group=SOURCE, data={
-                "source": SOURCE, "hook": None, "subscription": None, "topic": None, "shape": "local",
-                "interaction": "create" if res.created else "update", "focus": focus,
-                "version": str(stored.version), "resource": resource, "previous": previous,
-                "patient": patient_of(resource, focus), "received": time.time()}))
+            await emit(self.store, stored, created=res.created, source=SOURCE)
             added = True
         if added and self.wake is not None:
             self.wake()

@@ -121,9 +121,10 @@ def engaged(wait: Mapping[str, Any], resource: Mapping[str, Any] | None, *, iden
             str((r or {}).get("reference") or "").split("/")[-1] == target_id for r in resource.get("inResponseTo") or [])
     if not is_target:
         return False
-    if event == "read":
-        return bool(resource.get("received")) or resource.get("status") == "completed" \
-            or "read" in engagement_codes(resource)
+    if event == "read":  # the portal sets received (or completes it); other channels report "read"
+        portal = any(c.get("code") == "portal" for m in resource.get("medium") or [] for c in m.get("coding") or [])
+        return bool(resource.get("received")) or "read" in engagement_codes(resource) \
+            or (portal and resource.get("status") == "completed")
     if event == "opened":
         return bool(engagement_codes(resource) & {"opened", "clicked", "read", "replied"}) \
             or bool(resource.get("received"))

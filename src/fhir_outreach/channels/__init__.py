@@ -1,0 +1,1 @@
+"""Channels: deliver journey messages (email, SMS, Teams, portal, push), governed and observable."""
