@@ -26,8 +26,8 @@ from .api.http import fhir_response
 from .api.interactions import Interactions
 from .api.routing import OutreachApp, error_response, internal_error, method_not_allowed, not_found
 from .auth import Authenticator
-from .errors import FhirError, InvalidRequest
 from .channels.signing import derive_key
+from .errors import FhirError, InvalidRequest
 from .intake.hooks import load_master_key
 from .intake.service import IntakeService
 from .journeys.service import JourneyService
