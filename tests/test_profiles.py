@@ -47,6 +47,8 @@ EXTENSIONS: dict[str, tuple[str, str | None, dict[str, tuple[str, int, str]]]] =
     "update-target": ("PlanDefinition.action", "Expression", {}),
     "contact-preference": ("Patient", "code", {}),
     "engagement": ("Communication", "code", {}),
+    "message-action": ("Communication", "string", {}),
+    "message-text": ("ActivityDefinition", None, {"language": ("code", 1, "1"), "text": ("string", 1, "1")}),
 }
 
 
@@ -171,7 +173,8 @@ def test_extension_context_value_and_cardinality(name: str) -> None:
     assert sd["fhirVersion"] == "4.0.1"
     assert sd["context"] == [{"type": "element", "expression": context}]
     assert element(sd, "Extension.url")["fixedUri"] == sd["url"]
-    assert element(sd, "Extension")["max"] == ("*" if name == "engagement" else "1")
+    assert element(sd, "Extension")["max"] == ("*" if name in ("engagement", "message-action", "message-text")
+                                                else "1")
     value = element(sd, "Extension.value[x]")
     if value_type:
         assert element(sd, "Extension.extension")["max"] == "0"
@@ -341,7 +344,8 @@ TASK: dict[str, Any] = {
 PATIENT: dict[str, Any] = {"resourceType": "Patient",
                            "extension": [{"url": SD + "contact-preference", "valueCode": "sms"}]}
 COMMUNICATION: dict[str, Any] = {"resourceType": "Communication", "status": "completed",
-                                 "extension": [{"url": SD + "engagement", "valueCode": "opened"}]}
+                                 "extension": [{"url": SD + "engagement", "valueCode": "opened"},
+                                               {"url": SD + "message-action", "valueString": "Add a task=TASK"}]}
 EXAMPLES = {"OutreachJourney": JOURNEY, "OutreachMessage": MESSAGE, "OutreachTask": TASK,
             "Patient": PATIENT, "Communication": COMMUNICATION}
 
@@ -443,6 +447,7 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("om-2", lambda m: m["dynamicValue"].append({"path": "payload", "expression": fp("'again'")})),
     ("ot-1", lambda t: t["dynamicValue"].append({"path": "timing", "expression": fp("%current")})),
     ("ot-2", lambda t: t["dynamicValue"].append({"path": "due", "expression": fp("'P2D'")})),
+    ("ma-1", lambda c: c["extension"][1].update(valueString="no label")),
 ]
 
 

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
         "restrictive", description="Consent enforcement for outreach messages")
     consent_transactional: Literal["restrictive", "non-restrictive", "disabled"] = Field(
         "non-restrictive", description="Consent enforcement for transactional messages")
+    channel_rate_per_second: float = Field(
+        50.0, gt=0, description="Most sends per second per channel and worker (provider rate limits)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
 
     @field_validator("api_tokens", "jwt_algorithms", mode="before")

@@ -143,6 +143,7 @@ async def load_journey(request: Request) -> Response:
     it active."""
     await _admin(request)
     from ..journeys import catalog
+    from ..journeys.definition import lint
     from ..journeys.files import parse_text
 
     body = await read_body(request, request.app.state.settings.max_body_bytes)
@@ -152,10 +153,12 @@ async def load_journey(request: Request) -> Response:
         plan = {**plan, "status": "active"}
     if request.query_params.get("validate") == "true":
         journey = await catalog.check_journey(store, plan, templates)
-        return _json({"valid": True, "journey": journey.canonical, "steps": len(journey.steps)})
+        return _json({"valid": True, "journey": journey.canonical, "steps": len(journey.steps),
+                      "warnings": lint(journey)})
     journey, report = await catalog.load(store, plan, templates, base_url=request.app.state.settings.fhir_base)
     request.app.state.journeys.catalog.invalidate()
-    return _json({"journey": journey.canonical, "status": plan.get("status"), "written": report}, 201)
+    return _json({"journey": journey.canonical, "status": plan.get("status"), "written": report,
+                  "warnings": lint(journey)}, 201)
 
 
 @router.get("/journeys/{name}/export")

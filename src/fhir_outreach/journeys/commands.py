@@ -17,7 +17,7 @@ from ..settings import Settings
 from ..store import Store
 from . import catalog
 from .catalog import resolve_url, topic_names
-from .definition import parse_journey
+from .definition import lint, parse_journey
 from .explain import render, why
 from .files import dump, read_file
 from .runner import RUN
@@ -54,6 +54,8 @@ def cmd_validate(args: argparse.Namespace, settings: Settings | None) -> int:
             print(f"{path}: INVALID\n{_problems(exc)}")
             continue
         print(f"{path}: ok — {j.canonical} ({j.status}), {len(j.steps)} steps, {len(j.templates)} templates")
+        for warning in lint(j):
+            print(f"  warning: {warning}")
     return 1 if failed else 0
 
 

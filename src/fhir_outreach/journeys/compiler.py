@@ -37,6 +37,7 @@ DISCLAIMER = ("Template for illustration only. Not a medical device and not clin
 TOP_KEYS = {"journey", "url", "version", "title", "status", "description", "trigger", "reentry", "binding",
             "exit", "goal", "data", "templates", "steps", "copyright", "id"}
 ISO_DURATION = re.compile(r"P(?!$)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+S)?)?")
+ACTIONS_EXPR = re.compile(r"'[^'=]+=[^']*'( \| '[^'=]+=[^']*')*")
 ARM_CODES = ("event", "timeout", "error", "sms", "email", "portal", "none", "else")
 STEP_KEYS = {"id", "title", "next", "after", "on-event", "on-timeout", "on-error", *STEP_KINDS}
 
@@ -133,6 +134,27 @@ def _template(name: str, spec: Any, p: _Problems, version: str) -> dict[str, Any
     for key, value in spec.items():
         if key in ("kind", "url", "version", "title"):
             continue
+        if key == "text":  # Liquid, one variant per language: a plain string is English
+            variants = value if isinstance(value, dict) else {"en": value}
+            res["extension"] = [{"url": EXT + "message-text", "extension": [
+                {"url": "language", "valueCode": str(lang)}, {"url": "text", "valueString": str(txt)}]}
+                for lang, txt in variants.items()]
+            continue
+        if key == "vars":
+            if not isinstance(value, dict):
+                p.add(f"templates.{name}.vars", "is a mapping of variable name to FHIRPath")
+                continue
+            res["dynamicValue"] += [{"path": f"var.{var}", "expression": _expr(e)} for var, e in value.items()]
+            continue
+        if key == "actions":  # button label -> the reply it sends (a Teams card's actions)
+            if not isinstance(value, dict):
+                p.add(f"templates.{name}.actions", "is a mapping of button label to reply text")
+                continue
+            items = " | ".join("'" + f"{label}={reply}".replace("'", "\\'") + "'" for label, reply in value.items())
+            res["dynamicValue"].append({"path": "actions", "expression": _expr(items)})
+            continue
+        if key == "subject-line":
+            key = "title"
         expr = value
         if key == "medium" and str(value) in CHANNELS:
             expr = f"'{value}'"  # a bare channel name is a literal
@@ -373,8 +395,24 @@ def decompile(plan: dict[str, Any], templates: list[dict[str, Any]]) -> dict[str
             tdoc["version"] = tpl.get("version")
         if tpl.get("title") and tpl.get("title") != tname:
             tdoc["title"] = tpl["title"]
+        texts = [e for e in tpl.get("extension") or [] if e.get("url") == EXT + "message-text"]
+        if texts:
+            variants = {}
+            for e in texts:
+                parts = {x["url"]: x for x in e.get("extension") or []}
+                variants[parts["language"]["valueCode"]] = parts["text"]["valueString"]
+            tdoc["text"] = variants["en"] if list(variants) == ["en"] else variants
         for dv in tpl.get("dynamicValue") or []:
             value = dv["expression"]["expression"]
+            if dv["path"].startswith("var."):
+                tdoc.setdefault("vars", {})[dv["path"][4:]] = value
+                continue
+            if dv["path"] == "title":
+                tdoc["subject-line"] = value
+                continue
+            if dv["path"] == "actions" and ACTIONS_EXPR.fullmatch(value):
+                tdoc["actions"] = dict(item.split("=", 1) for item in re.findall(r"'((?:[^'\\]|\\.)*)'", value))
+                continue
             if (dv["path"] == "medium" and value.startswith("'") and value.endswith("'")) \
                     or (dv["path"] == "due" and value.startswith("'P")):
                 value = value[1:-1]

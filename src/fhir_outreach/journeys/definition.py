@@ -38,7 +38,7 @@ STEP_KINDS = ("branch", "message", "task", "wait", "await", "preference", "updat
 AWAIT_EVENTS = ("read", "opened", "clicked", "replied", "completed", "change")
 CHANNELS = ("portal", "email", "sms", "teams", "push")
 PREFERENCE_ARMS = ("sms", "email", "portal", "none")
-MESSAGE_PATHS = ("medium", "recipient", "payload", "category", "subject", "sender")
+MESSAGE_PATHS = ("medium", "recipient", "payload", "category", "subject", "sender", "title", "actions")
 TASK_PATHS = ("description", "owner", "code", "priority", "due", "focus")
 INTERACTIONS = ("create", "update", "delete")
 REENTRY = ("never", "always", "after")
@@ -161,8 +161,12 @@ class Template:
     version: str
     name: str
     kind: str  # message | task
-    values: tuple[tuple[str, str], ...]  # (path, FHIRPath)
+    values: tuple[tuple[str, str], ...]  # (path, FHIRPath); message variables are ``var.<name>``
     title: str = ""
+    texts: tuple[tuple[str, str], ...] = ()  # (language, Liquid text) — the message body by language
+
+    def variables(self) -> list[tuple[str, str]]:
+        return [(p[4:], e) for p, e in self.values if p.startswith("var.")]
 
     @property
     def canonical(self) -> str:
@@ -273,7 +277,9 @@ def parse_template(resource: Mapping[str, Any], problems: list[tuple[str, str]] 
     values: list[tuple[str, str]] = []
     for dv in resource.get("dynamicValue") or []:
         path = str(dv.get("path") or "")
-        if path not in allowed:
+        if kind == "message" and path.startswith("var.") and path[4:].isidentifier():
+            pass  # a variable of the Liquid text
+        elif path not in allowed:
             problems.append((f"{where} dynamicValue {path}", f"unknown path; a {kind} template allows "
                              f"{', '.join(allowed)}"))
             continue
@@ -282,8 +288,11 @@ def parse_template(resource: Mapping[str, Any], problems: list[tuple[str, str]] 
             values.append((path, expr))
     if not resource.get("url"):
         problems.append((where, "has no url"))
+    texts = _texts(resource, where, problems)
+    if kind == "message" and not texts and not any(p == "payload" for p, _ in values):
+        problems.append((where, "a message template needs a payload or a message-text"))
     tpl = Template(str(resource.get("url") or ""), str(resource.get("version") or ""), name, kind,
-                   tuple(values), str(resource.get("title") or ""))
+                   tuple(values), str(resource.get("title") or ""), texts)
     if own and problems:
         raise InvalidJourney(problems, label=f"ActivityDefinition {name}")
     for path, expr in tpl.values:
@@ -291,6 +300,31 @@ def parse_template(resource: Mapping[str, Any], problems: list[tuple[str, str]] 
     if own and problems:
         raise InvalidJourney(problems, label=f"ActivityDefinition {name}")
     return tpl
+
+
+def _texts(resource: Mapping[str, Any], where: str, problems: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The ``message-text`` extensions: one Liquid text per language (``language`` + ``text``)."""
+    from liquid.exceptions import LiquidError
+
+    from .texts import parse_liquid
+
+    out: list[tuple[str, str]] = []
+    for e in resource.get("extension") or []:
+        if e.get("url") != EXT + "message-text":
+            continue
+        parts = {x.get("url"): x for x in e.get("extension") or []}
+        language = str((parts.get("language") or {}).get("valueCode") or "")
+        text = (parts.get("text") or {}).get("valueString")
+        if not language or not isinstance(text, str):
+            problems.append((f"{where} message-text", "needs a language (valueCode) and a text (valueString)"))
+            continue
+        try:
+            parse_liquid(text)
+        except LiquidError as exc:
+            problems.append((f"{where} message-text {language}", f"Liquid: {str(exc).splitlines()[0]}"))
+            continue
+        out.append((language, text))
+    return tuple(out)
 
 
 def _syntax(expr: str, where: str, problems: list[tuple[str, str]]) -> None:
@@ -568,3 +602,20 @@ def _check_graph(j: Journey, problems: list[tuple[str, str]]) -> None:
     for node in instant:
         if not state.get(node):
             visit(node, [node])
+
+
+def lint(journey: Journey) -> list[str]:
+    """Warnings (not errors): SMS or email texts that read clinical data (PHI minimisation)."""
+    from .texts import lint as lint_text
+
+    out: list[str] = []
+    for tpl in {t.url: t for t in journey.templates.values()}.values():
+        if tpl.kind != "message":
+            continue
+        medium_expr = (tpl.value("medium") or "").strip()
+        literal = medium_expr.strip("'") if medium_expr.startswith("'") and medium_expr.count("'") == 2 else None
+        if literal not in (None, "sms", "email"):
+            continue
+        expressions = [e for p, e in tpl.values if p == "payload" or p.startswith("var.")]
+        out += [f"template {tpl.name}: {w}" for w in lint_text(literal, expressions, list(journey.inputs))]
+    return out

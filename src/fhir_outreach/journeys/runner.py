@@ -183,7 +183,8 @@ class RunContext:
             return
         await self.store.add_record(Record(DELIVERY, f"Communication/{comm['id']}", group=medium, due=self.now,
                                            data={"communication": f"Communication/{comm['id']}",
-                                                 "medium": medium, "run": self.run_id}), now=self.now)
+                                                 "medium": medium, "run": self.run_id, "created": self.now,
+                                                 "source": self.data.get("source")}), now=self.now)
 
 
 class Engine:

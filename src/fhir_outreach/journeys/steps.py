@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from liquid.exceptions import LiquidError
+
 from ..errors import Conflict, PreconditionFailed
 from ..fhir.fhirpath import FhirPathError
 from ..store import Write
 from ..store.base import MUST_NOT_EXIST, prepare
 from ..work.clock import fhir_instant, to_datetime
+from . import texts
 from .definition import (
     CHANNEL_SYSTEM,
     EXT,
@@ -145,8 +148,22 @@ async def run_message(ctx: RunContext, step: Step, seq: int) -> Outcome:
     assert step.template is not None
     tpl = ctx.journey.template(step.template)
     values: dict[str, Any] = {}
+    variables: dict[str, Any] = {}
     for path, expr in tpl.values:
-        values[path] = _first(await ctx.evaluate(expr))
+        result = await ctx.evaluate(expr)
+        if path == "actions":
+            values[path] = [str(v) for v in result]
+        elif path.startswith("var."):
+            variables[path[4:]] = _first(result)
+        else:
+            values[path] = _first(result)
+    if tpl.texts:
+        language, text = texts.choose(tpl.texts, texts.languages_of(await ctx.patient()))
+        try:
+            values["payload"] = texts.render(text, variables)
+        except LiquidError as exc:
+            raise FhirPathError(f"message-text {language} of {tpl.name}", str(exc).splitlines()[0]) from exc
+        values["language"] = language
     medium = str(values.get("medium") or "portal")
     rid, identifier = _identity(ctx, step, seq)
     recipient = _reference(values.get("recipient")) or {"reference": ctx.patient_ref}
@@ -163,6 +180,13 @@ async def run_message(ctx: RunContext, step: Step, seq: int) -> Outcome:
         comm["category"] = [_codeable(values["category"], CATEGORY_SYSTEM)]
     if values.get("sender"):
         comm["sender"] = _reference(values["sender"])
+    if values.get("title"):
+        comm["topic"] = {"text": str(values["title"])}
+    if values.get("language"):
+        comm["language"] = str(values["language"])
+    actions = [a for a in values.get("actions") or [] if "=" in a]
+    if actions:
+        comm["extension"] = [{"url": EXT + "message-action", "valueString": a} for a in actions]
     if ctx.trigger_ref:
         comm["about"] = [{"reference": ctx.trigger_ref}]
     if medium == "portal":
