@@ -189,6 +189,28 @@ async def why(request: Request, type_: str, id_: str) -> Response:
     return fhir_response(as_parameters(await explain(request.app.state.store, id_)), 200, None, media)
 
 
+@router.post("/{type_}/{id_}/$mark-read")
+async def mark_read(request: Request, type_: str, id_: str) -> Response:
+    """``POST /fhir/Communication/{id}/$mark-read``: the patient portal marks a message read (``received``
+    set, status ``completed``, engagement ``read``), which waiting journeys see. Repeating it changes nothing."""
+    media = response_type(request)
+    if type_ != "Communication":
+        raise NotSupported(f"$mark-read is an operation on Communication, not on {type_}")
+    await _principal(request, "Communication", "write")
+    import time
+
+    from ..channels import engagement
+
+    store = request.app.state.store
+    stored = await store.read("Communication", id_)
+    if stored is None or stored.deleted:
+        raise NotFound(f"Communication/{id_} is not known")
+    await engagement.record(store, id_, "read", at=time.time(), base_url=request.app.state.settings.fhir_base)
+    request.app.state.journeys.wake()
+    latest = await store.read("Communication", id_)
+    return fhir_response(latest.resource, 200, _ix(request).headers_for(latest), media)
+
+
 @router.get("/{type_}/{id_}/_history/{vid}")
 async def vread(request: Request, type_: str, id_: str, vid: str) -> Response:
     media = response_type(request)
