@@ -181,9 +181,6 @@ async def test_admin_refuses_an_invalid_journey_without_storing_anything(client:
     assert await stored(client) == before  # the templates of the refused journey were not written either
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compiler.compile_journey lets the ValueError of iso_to_fhir_duration escape for a bad ISO duration, so "
-    "POST /admin/journeys answers 500 instead of a 422 OperationOutcome naming the step"))
 async def test_admin_refuses_a_bad_duration_with_422(client: httpx.AsyncClient) -> None:
     r = await client.post("/admin/journeys", content=(DATA / "shape" / "bad-duration-wait.yaml").read_text(),
                           headers=YAML)

@@ -90,9 +90,6 @@ def test_validate_reports_a_yaml_shape_error() -> None:
     assert f"{path}: INVALID\n  - step a: needs exactly one of" in proc.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a bad ISO duration in the YAML form raises a bare ValueError from compiler.iso_to_fhir_duration; "
-    "commands.cmd_validate only catches InvalidJourney, so the CLI dies with a traceback"))
 def test_validate_reports_a_bad_duration_without_a_traceback() -> None:
     path = DATA / "shape" / "bad-duration-wait.yaml"
     proc = cli("validate", path)
@@ -266,10 +263,6 @@ def test_load_list_export_runs_and_why(tmp_path: Path, store_env: dict[str, str]
     assert "no journey run 'no-such-run'" in nope.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "catalog.templates_for collects the wanted canonicals in a set, so the order of templates in "
-    "`journey export` (and GET /admin/journeys/{name}/export) depends on PYTHONHASHSEED: the same stored journey "
-    "exports to different text from one process to the next"))
 def test_export_is_the_same_text_every_time(store_env: dict[str, str]) -> None:
     assert cli("load", SAMPLE, env=store_env).returncode == 0
     first, second = (cli("export", "patient-discharge", env={**store_env, "PYTHONHASHSEED": seed}).stdout

@@ -177,9 +177,6 @@ def test_bad_iso_duration_is_refused(bad: str) -> None:
         iso_to_fhir_duration(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "definition.iso_to_fhir_duration truncates with int(value.total_seconds()), so PT0.5S becomes 0 seconds "
-    "(PT1.5S → 1 s) and its own 'is not a whole number of seconds' error is unreachable"))
 def test_fractional_seconds_are_refused() -> None:
     with pytest.raises(ValueError, match="whole number of seconds"):
         iso_to_fhir_duration("PT0.5S")
@@ -218,10 +215,6 @@ def test_durations_round_trip_through_a_journey() -> None:
 
 # --- known decompile gaps ----------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compiler._yaml_step drops a branch arm's label whenever it starts with 'when' "
-    "(if not str(label).startswith('when')), so an author's label like 'when-high' comes back as the "
-    "positional default 'when1' and decompile→compile is not a fixed point"))
 def test_branch_label_starting_with_when_survives_decompile() -> None:
     doc = yaml.safe_load("""
 journey: labels
@@ -260,9 +253,6 @@ def test_quoted_on_key_selects_the_interaction() -> None:
     assert plan["action"][0]["trigger"] == [{"type": "data-added", "data": [{"type": "Appointment"}]}]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PyYAML (YAML 1.1) loads the bare key on: as the boolean True; compiler._trigger reads spec.get('on') only, "
-    "so the documented {type: ..., on: [create]} silently compiles to data-changed (create and update)"))
 def test_bare_on_key_as_documented_selects_the_interaction() -> None:
     plan, _ = compile_journey(yaml.safe_load(TRIGGER_ON % "on"))
     assert plan["action"][0]["trigger"] == [{"type": "data-added", "data": [{"type": "Appointment"}]}]

@@ -113,9 +113,7 @@ def test_several_problems_are_all_reported_as_outcome_issues() -> None:
 
 @pytest.mark.parametrize("name", [
     "fhirpath-template.yaml",
-    pytest.param("fhirpath-template-used-twice.yaml", marks=pytest.mark.xfail(strict=True, reason=(
-        "definition.parse_journey calls parse_template(raw, problems) once per step that uses a template, so "
-        "the template's problems are appended once per using step"))),
+    "fhirpath-template-used-twice.yaml",
 ])
 def test_each_problem_is_reported_once(name: str) -> None:
     plan, templates = compiled(DATA / "invalid" / name)

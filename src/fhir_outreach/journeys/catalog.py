@@ -47,7 +47,8 @@ async def templates_for(store: Store, plan: Mapping[str, Any],
     """The ActivityDefinitions a journey names, from ``extra`` first, then the store, keyed by the
     canonical as written in the journey (``url|version`` or ``url``)."""
     out: dict[str, dict[str, Any]] = {}
-    wanted = {str(a["definitionCanonical"]) for a in plan.get("action") or [] if a.get("definitionCanonical")}
+    wanted = list(dict.fromkeys(str(a["definitionCanonical"]) for a in plan.get("action") or []
+                                if a.get("definitionCanonical")))  # in step order: exports are stable
     for canonical in wanted:
         url, _, version = canonical.partition("|")
         hit = next((dict(t) for t in extra if t.get("url") == url and (not version or t.get("version") == version)),

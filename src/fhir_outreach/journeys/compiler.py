@@ -70,10 +70,19 @@ def _id_for(url: str, version: str) -> str:
     return f"{name}-{version}".replace(".", "-")[:55] + f"-{digest}"
 
 
-def _related(target: str, delay: str | None = None) -> list[dict[str, Any]]:
+def _duration(text: Any, where: str, p: _Problems) -> dict[str, Any]:
+    try:
+        return iso_to_fhir_duration(str(text))
+    except ValueError as exc:
+        p.add(where, str(exc))
+        return {"value": 0, "unit": "seconds", "system": "http://unitsofmeasure.org", "code": "s"}
+
+
+def _related(target: str, delay: str | None = None, p: _Problems | None = None,
+             where: str = "after") -> list[dict[str, Any]]:
     rel: dict[str, Any] = {"actionId": target, "relationship": "before-start"}
     if delay:
-        rel["offsetDuration"] = iso_to_fhir_duration(delay)
+        rel["offsetDuration"] = _duration(delay, where, p if p is not None else _Problems())
     return [rel]
 
 
@@ -95,16 +104,19 @@ def _trigger(spec: Any, p: _Problems) -> dict[str, Any] | None:
     if not isinstance(spec, dict):
         p.add("trigger", "must be a mapping: {topic: ...}, {type: ..., on: [...]} or {every: ..., search: ...}")
         return None
+    unknown = sorted(str(k) for k in spec if k not in ("topic", "type", "on", True, "when", "every", "search"))
+    if unknown:
+        p.add("trigger", f"unknown key(s) {', '.join(unknown)} (topic, type, on, when, every, search)")
     out: dict[str, Any]
     if "topic" in spec:
         out = {"type": "named-event", "name": str(spec["topic"])}
     elif "every" in spec:
-        dur = iso_to_fhir_duration(str(spec["every"]))
+        dur = _duration(spec["every"], "trigger", p)
         out = {"type": "periodic", "timingTiming": {"repeat": {"frequency": 1, "period": dur["value"],
                                                                "periodUnit": dur["code"]}},
                "extension": [{"url": EXT + "trigger-search", "valueString": str(spec.get("search") or "")}]}
     elif "type" in spec:
-        on = spec.get("on") or ["create", "update"]
+        on = spec.get("on", spec.get(True)) or ["create", "update"]  # YAML 1.1 reads a bare `on` as True
         on = [on] if isinstance(on, str) else list(on)
         kinds = {("create",): "data-added", ("update",): "data-modified"}
         out = {"type": kinds.get(tuple(sorted(on)), "data-changed"), "data": [{"type": str(spec["type"])}]}
@@ -204,7 +216,7 @@ def _step(spec: Any, i: int, p: _Problems, tpl_urls: dict[str, str], ids: frozen
         if isinstance(body, dict) and "until" in body:
             action["extension"] = [{"url": EXT + "wait-until", "valueExpression": _expr(body["until"])}]
         else:
-            action["timingDuration"] = iso_to_fhir_duration(str(body))
+            action["timingDuration"] = _duration(body, f"step {sid}", p)
     elif kind == "await":
         body = body if isinstance(body, dict) else {}
         parts: list[dict[str, Any]] = [{"url": "event", "valueCode": str(body.get("event"))}]
@@ -212,7 +224,9 @@ def _step(spec: Any, i: int, p: _Problems, tpl_urls: dict[str, str], ids: frozen
             parts.append({"url": "step", "valueString": str(body["step"])})
         if body.get("when"):
             parts.append({"url": "criteria", "valueExpression": _expr(body["when"])})
-        parts.append({"url": "timeout", "valueDuration": iso_to_fhir_duration(str(body.get("timeout", "P1D")))})
+        if "timeout" not in body:
+            p.add(f"step {sid} await", "needs a timeout (an ISO 8601 duration such as P2D)")
+        parts.append({"url": "timeout", "valueDuration": _duration(body.get("timeout", "P1D"), f"step {sid}", p)})
         action["extension"] = [{"url": EXT + "wait-for", "extension": parts}]
         arms.append(_arm(sid, "event", spec.get("on-event"), ids=ids))
         arms.append(_arm(sid, "timeout", spec.get("on-timeout"), ids=ids))
@@ -229,7 +243,7 @@ def _step(spec: Any, i: int, p: _Problems, tpl_urls: dict[str, str], ids: frozen
     if arms:
         action["action"] = arms
     if spec.get("next") and (spec["next"] != "end" or "end" in ids):
-        action["relatedAction"] = _related(str(spec["next"]), spec.get("after"))
+        action["relatedAction"] = _related(str(spec["next"]), spec.get("after"), p, f"step {sid}")
     return action
 
 
@@ -305,7 +319,7 @@ def _journey_extensions(doc: dict[str, Any], p: _Problems) -> list[dict[str, Any
     if reentry is not None:
         if isinstance(reentry, dict) and "after" in reentry:
             parts = [{"url": "policy", "valueCode": "after"},
-                     {"url": "interval", "valueDuration": iso_to_fhir_duration(str(reentry["after"]))}]
+                     {"url": "interval", "valueDuration": _duration(reentry["after"], "reentry", p)}]
         elif reentry in ("never", "always"):
             parts = [{"url": "policy", "valueCode": str(reentry)}]
         else:
@@ -449,12 +463,12 @@ def _yaml_step(a: dict[str, Any], by_canonical: dict[str, str]) -> dict[str, Any
     target = {label: _next(arm)[0] or "end" for label, arm in arms.items()}
     if kind == "branch":
         body = []
-        for label, arm in arms.items():
+        for j, (label, arm) in enumerate(arms.items()):
             if label == "error":
                 continue
             if arm.get("condition"):
                 entry = {"when": arm["condition"][0]["expression"]["expression"], "goto": target[label]}
-                if not str(label).startswith("when"):
+                if label != f"when{j + 1}":
                     entry = {"label": label, **entry}
                 body.append(entry)
             else:

@@ -89,6 +89,8 @@ def iso_to_fhir_duration(iso: str) -> dict[str, Any]:
         if months % 12 == 0:
             return {"value": months // 12, "unit": "years", "system": UCUM, "code": "a"}
         return {"value": months, "unit": "months", "system": UCUM, "code": "mo"}
+    if not float(value.total_seconds()).is_integer():
+        raise ValueError(f"{iso!r} is not a whole number of seconds")
     seconds = int(value.total_seconds())
     for code, size in (("wk", 604800), ("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
         if seconds % size == 0 and (seconds or code == "s"):
@@ -213,17 +215,22 @@ class Journey:
             if expr:
                 out.append((where, expr))
         for step in self.steps.values():
-            out += [(f"step {step.id} arm {a.label}", a.condition) for a in step.arms if a.condition]
-            if step.wait_until:
-                out.append((f"step {step.id} wait-until", step.wait_until))
-            if step.wait_for and step.wait_for.criteria:
-                out.append((f"step {step.id} wait-for criteria", step.wait_for.criteria))
-            if step.update_target:
-                out.append((f"step {step.id} update-target", step.update_target))
-            out += [(f"step {step.id} set {p}", e) for p, e in step.updates]
+            out += _step_expressions(step)
         for tpl in {t.url: t for t in self.templates.values()}.values():
             out += [(f"template {tpl.name} {p}", e) for p, e in tpl.values]
         return out
+
+
+def _step_expressions(step: Step) -> list[tuple[str, str]]:
+    out = [(f"step {step.id} arm {a.label}", a.condition) for a in step.arms if a.condition]
+    if step.wait_until:
+        out.append((f"step {step.id} wait-until", step.wait_until))
+    if step.wait_for and step.wait_for.criteria:
+        out.append((f"step {step.id} wait-for criteria", step.wait_for.criteria))
+    if step.update_target:
+        out.append((f"step {step.id} update-target", step.update_target))
+    out += [(f"step {step.id} set {p}", e) for p, e in step.updates]
+    return out  # type: ignore[return-value]
 
 
 # --- reading the FHIR encoding -------------------------------------------------------------------------
@@ -503,12 +510,15 @@ def parse_journey(plan: Mapping[str, Any], templates: Mapping[str, Mapping[str, 
                                         f"(subscriptions/topics)"))
     first, _ = _target(start, "start", problems)
     steps: dict[str, Step] = {}
+    duplicates: list[Step] = []
     for i, action in enumerate(actions[1:], start=1):
         step = _step(action, i, problems)
         if step is None:
             continue
         if step.id in steps or step.id == "start":
             problems.append((f"step {step.id}", "duplicate step id"))
+            duplicates.append(step)  # still checked below, but not in the graph
+            continue
         steps[step.id] = step
     reentry_ext = ext(plan, "journey-reentry") or {}
     parts = {e.get("url"): e for e in reentry_ext.get("extension") or []}
@@ -523,6 +533,11 @@ def parse_journey(plan: Mapping[str, Any], templates: Mapping[str, Mapping[str, 
     resolved: dict[str, Template] = {}
     for step in steps.values():
         if step.template is None:
+            continue
+        if step.template in resolved:  # each template is parsed (and its problems reported) once
+            if resolved[step.template].kind != step.kind:
+                problems.append((f"step {step.id}", f"template {step.template!r} is a "
+                                                    f"{resolved[step.template].kind} template, not a {step.kind} one"))
             continue
         raw = (templates or {}).get(step.template) or (templates or {}).get(step.template.split("|")[0])
         if raw is None:
@@ -549,6 +564,9 @@ def parse_journey(plan: Mapping[str, Any], templates: Mapping[str, Mapping[str, 
     _check_graph(journey, problems)
     for where, expr in journey.expressions():
         if not where.startswith("template "):  # parse_template checked those
+            _syntax(expr, where, problems)
+    for dup in duplicates:
+        for where, expr in _step_expressions(dup):
             _syntax(expr, where, problems)
     if problems:
         raise InvalidJourney(problems, label=label)

@@ -8,6 +8,7 @@ where the run goes next by itself beyond returning an ``Outcome``; ``runner`` re
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -266,8 +267,10 @@ async def run_await(ctx: RunContext, step: Step) -> Outcome:
                    f" until {fhir_instant(until)}", await_=spec)
 
 
-def contact_preference(patient: dict[str, Any] | None) -> str:
-    """sms | email | portal | none, from our extension, else the best-ranked telecom."""
+def contact_preference(patient: dict[str, Any] | None, now: float | None = None) -> str:
+    """sms | email | portal | none, from our extension, else the best-ranked current telecom (one whose
+    ``period.end`` has passed at ``now``, default the current time, is ignored)."""
+    now = time.time() if now is None else now
     if not patient:
         return "none"
     for e in patient.get("extension") or []:
@@ -275,7 +278,8 @@ def contact_preference(patient: dict[str, Any] | None) -> str:
             return str(e["valueCode"])
     ranked: list[tuple[int, int, str]] = []
     for i, t in enumerate(patient.get("telecom") or []):
-        if (t.get("period") or {}).get("end"):
+        end = (t.get("period") or {}).get("end")
+        if end and _ended(str(end), now):
             continue
         system = t.get("system")
         kind = "sms" if system == "sms" or (system == "phone" and t.get("use") == "mobile") else \
@@ -287,9 +291,16 @@ def contact_preference(patient: dict[str, Any] | None) -> str:
     return "portal" if patient.get("active", True) is not False else "none"
 
 
+def _ended(end: str, now: float) -> bool:
+    try:
+        return parse_when(end) <= now
+    except ValueError:
+        return True
+
+
 async def run_preference(ctx: RunContext, step: Step) -> Outcome:
     patient = await ctx.patient()
-    pref = contact_preference(patient)
+    pref = contact_preference(patient, ctx.now)
     arm = step.arm(pref) or step.arm("else")
     go = arm.target if arm else step.next
     return Outcome("go", go, arm=arm.label if arm else None, note=f"contact preference {pref} -> {go or 'end'}",
