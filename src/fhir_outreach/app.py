@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -19,6 +20,7 @@ from starlette.responses import Response
 
 from . import __version__
 from .api import admin as admin_routes
+from .api import channel_email, channel_push, channel_sms, channel_teams
 from .api import fhir as fhir_routes
 from .api import hooks as hook_routes
 from .api.capability import capability_statement
@@ -26,9 +28,7 @@ from .api.http import fhir_response
 from .api.interactions import Interactions
 from .api.routing import OutreachApp, error_response, internal_error, method_not_allowed, not_found
 from .auth import Authenticator
-from .channels.signing import derive_key
 from .errors import FhirError, InvalidRequest
-from .intake.hooks import load_master_key
 from .intake.service import IntakeService
 from .journeys.service import JourneyService
 from .settings import Settings
@@ -39,7 +39,7 @@ from .work.clock import Clock
 
 def create_app(settings: Settings, store: Store | None = None, *, run_background: bool = True,
                source_transport: httpx.AsyncBaseTransport | None = None, tune_gc: bool = False,
-               clock: Clock | None = None) -> FastAPI:
+               clock: Clock | None = None, channels: dict[str, Any] | None = None) -> FastAPI:
     """The application. ``run_background=False`` leaves intake processing to the caller (tests drain it
     explicitly); ``source_transport`` routes calls to source servers (tests point it at an ASGI app); ``clock``
     replaces the journey engine's system clock (tests run weeks of waits on a ``ManualClock``)."""
@@ -55,7 +55,7 @@ def create_app(settings: Settings, store: Store | None = None, *, run_background
         app.state.store = the_store
         app.state.authenticator = authenticator
         intake = IntakeService(settings, the_store, transport=source_transport)
-        journeys = JourneyService(settings, the_store, intake.sources, clock=clock)
+        journeys = JourneyService(settings, the_store, intake.sources, clock=clock, channels=channels)
         app.state.journeys = journeys
         app.state.interactions = Interactions(the_store, base_url=settings.fhir_base,
                                               default_count=settings.default_count, max_count=settings.max_count,
@@ -64,7 +64,7 @@ def create_app(settings: Settings, store: Store | None = None, *, run_background
                                                     jwt=bool(settings.jwt_issuer), started=format_instant(utcnow()))
         app.state.intake = intake
         app.state.hooks = intake.hooks
-        app.state.channel_key = derive_key(load_master_key(settings.hook_master_key, settings.data_dir))
+        app.state.channel_key = journeys.channel_key
         intake.on_events = journeys.wake
         if settings.serve_worker and run_background:
             intake.start()
@@ -87,6 +87,8 @@ def create_app(settings: Settings, store: Store | None = None, *, run_background
                       docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.use_fast_routes(("/fhir", "/hooks"), [fhir_routes.router, hook_routes.router])
     app.include_router(admin_routes.router)
+    for channel_router in (channel_email.router, channel_sms.router, channel_teams.router, channel_push.router):
+        app.include_router(channel_router)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:

@@ -18,12 +18,13 @@ such key: email is at-least-once in that window, with the same ``Message-ID`` ea
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from ..fhir.client import SourceClients, SourceError, SourceUnavailable
 from ..settings import Settings
@@ -149,6 +150,13 @@ class Delivery:
             for address in addresses:  # push: every registered device; others: the one best address
                 sent = await adapter.send(_with_to(message, address))
         except DeliveryFailed as exc:
+            if exc.code == "subscription-gone" and channel == "push":
+                from .push import unregister
+
+                for address in addresses:
+                    endpoint = orjson.loads(address).get("endpoint")
+                    if endpoint:
+                        await unregister(self.store, str(endpoint), now=self.clock.now())
             if exc.permanent:
                 await self._block(rec, comm_id, "rejected", exc.reason)
             else:
@@ -173,10 +181,9 @@ class Delivery:
         subject = str((comm.get("topic") or {}).get("text") or DEFAULT_SUBJECT)
         body_html = None
         if channel == "email":
-            from .email import tracked_html
+            from .email import text_to_html, tracked_html
 
-            paragraphs = "".join(f"<p>{html.escape(p)}</p>" for p in text.split("\n\n") if p.strip())
-            body_html = tracked_html(f"<html><body>{paragraphs}</body></html>", key=self.key,
+            body_html = tracked_html(f"<html><body>{text_to_html(text)}</body></html>", key=self.key,
                                      communication_id=comm_id, callback_base=self.callback_base)
         actions: tuple[Action, ...] = ()
         choices = {}
@@ -223,8 +230,6 @@ class Delivery:
             from .push import subscriptions_for
 
             pid = (patient or {}).get("id")
-            import orjson
-
             subs = await subscriptions_for(self.store, f"Patient/{pid}") if pid else []
             return [orjson.dumps(s).decode() for s in subs]
         return []

@@ -25,7 +25,7 @@ log = logging.getLogger("fhir_outreach.journeys")
 
 class JourneyService:
     def __init__(self, settings: Settings, store: Store, sources: SourceClients, *,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, channels: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.store = store
         topics = load_topics()
@@ -49,6 +49,15 @@ class JourneyService:
                              periodic_source=periodic)
         self._wake = asyncio.Event()
         self.feed = LocalFeed(store, self.catalog, topics, wake=self.wake)
+        from ..channels.delivery import Delivery
+        from ..channels.registry import build_channels
+        from ..channels.signing import derive_key
+        from ..intake.hooks import load_master_key
+
+        self.channel_key = derive_key(load_master_key(settings.hook_master_key, settings.data_dir))
+        self.channels = channels if channels is not None else build_channels(settings)
+        self.delivery = Delivery(store, settings, self.channels, key=self.channel_key, sources=sources,
+                                 clock=clock, owner=worker_id())
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -57,6 +66,7 @@ class JourneyService:
 
     async def run_once(self) -> int:
         handled = await self.engine.run_once()
+        handled += await self.delivery.run_once()
         if self.outbox is not None:
             handled += await self.outbox.run_once()
         return handled
@@ -91,3 +101,6 @@ class JourneyService:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for channel in self.channels.values():
+            with contextlib.suppress(Exception):
+                await channel.aclose()
