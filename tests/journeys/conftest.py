@@ -5,6 +5,7 @@ loops, so weeks of waits run in milliseconds and every step is deterministic. Bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,7 @@ class Live:
         """Run intake and journey work until both are idle."""
         for _ in range(50):
             n = await self.app.state.intake.processor.run_once()
+            await asyncio.sleep(0)  # let callbacks served on this loop run
             n += await self.app.state.journeys.drain()
             if not n:
                 return
@@ -54,6 +56,7 @@ class Live:
         dues = [r.due for st in ("waiting", "awaiting", "pending") for r in await store.list_records("run", state=st,
                                                                                                       limit=1000)]
         dues += [r.due for r in await store.list_records("tick", state="pending", limit=1000)]  # periodic triggers
+        dues += [r.due for r in await store.list_records("delivery", state="pending", limit=1000)]  # held sends
         return min(dues) if dues else None
 
     async def load(self, name: str) -> dict[str, Any]:
@@ -84,6 +87,31 @@ class Live:
         return dict(r.json())
 
 
+@contextlib.asynccontextmanager
+async def serve_live(settings: Any, *, port: int = 0, start: float = 1_772_352_000.0,
+                     **app_options: Any) -> AsyncIterator[Live]:
+    """The app on 127.0.0.1:``port`` (0: any) with a manual clock starting at ``start`` (default
+    2026-03-01T08:00:00Z) and no background loops."""
+    clock = ManualClock(start)
+    app = create_app(settings, run_background=False, clock=clock, **app_options)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    for _ in range(500):
+        if server.started:
+            break
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bound}", timeout=30,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            yield Live(app, http, clock)
+    finally:
+        server.should_exit = True
+        await task
+
+
 @pytest.fixture(params=["sqlite", "mongo"])
 async def live(request: pytest.FixtureRequest, make_settings: Any) -> AsyncIterator[Live]:
     if request.param == "mongo":
@@ -91,18 +119,5 @@ async def live(request: pytest.FixtureRequest, make_settings: Any) -> AsyncItera
         settings = make_settings(store=f"{url}/j{uuid.uuid4().hex[:12]}")
     else:
         settings = make_settings()
-    clock = ManualClock(1_772_352_000.0)  # 2026-03-01T08:00:00Z
-    app = create_app(settings, run_background=False, clock=clock)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
-                                 timeout=30) as http:
-        yield Live(app, http, clock)
-    server.should_exit = True
-    await task
+    async with serve_live(settings) as running:
+        yield running

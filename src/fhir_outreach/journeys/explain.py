@@ -44,7 +44,27 @@ async def why(store: Store, run_id: str) -> dict[str, Any]:
     rec = await store.get_record(RUN, run_id)
     if rec is None:
         raise NotFound(f"no journey run {run_id!r}")
-    return why_of(rec.key, rec.data)
+    out = why_of(rec.key, rec.data)
+    out["delivery"] = await delivery_status(store, out["outputs"])
+    return out
+
+
+async def delivery_status(store: Store, refs: list[str]) -> dict[str, str]:
+    """What became of each message and task the run wrote: its status now, and why it was not done."""
+    status: dict[str, str] = {}
+    for ref in refs:
+        rtype, _, rid = ref.partition("/")
+        stored = await store.read(rtype, rid)
+        res = stored.resource if stored is not None else None
+        if not res:
+            continue
+        text = str(res.get("status"))
+        reason = res.get("statusReason")
+        if isinstance(reason, dict):
+            code = next((c.get("code") for c in reason.get("coding") or []), None)
+            text += f" ({code}: {reason.get('text') or ''})" if code else f" ({reason.get('text')})"
+        status[ref] = text
+    return status
 
 
 def _value(v: Any) -> str:
@@ -61,6 +81,8 @@ def render(w: dict[str, Any]) -> str:
         lines.append(f"  goal     {'met' if w['goal_met'] else 'not met' if w['goal_met'] is False else 'unknown'}")
     if w.get("waiting"):
         lines.append("  waiting  " + ", ".join(f"{k} {v}" for k, v in w["waiting"].items() if v))
+    for ref, state in (w.get("delivery") or {}).items():
+        lines.append(f"  output   {ref}: {state}")
     for s in w["steps"]:
         lines.append(f"  [{s['seq']}] {s['at']}  {s['step']} ({s['kind']}): {s.get('note', '')}")
         for v in s.get("values") or []:
