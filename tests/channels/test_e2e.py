@@ -133,6 +133,15 @@ async def test_discharge_through_real_smtp_and_sms_peers(world: tuple[Live, SmsP
     assert [s["step"] for s in eve["steps"]][-2:] == ["email-opened", "end"]
     assert len(peer.messages) == 1  # Eve got no SMS; Den's SMS was never sent
 
+    # Every email carries a one-click unsubscribe (RFC 8058); using it records an opt-out Consent for email.
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    unsubscribe = message["List-Unsubscribe"].strip("<>").split("/channels/", 1)[1]
+    assert (await live.http.post(f"/channels/{unsubscribe}")).status_code == 200
+    [consent] = await live.search("Consent", patient="eve")
+    assert consent["provision"]["type"] == "deny"
+    assert consent["provision"]["code"][0]["coding"][0]["code"] == "email"
+    assert (await live.http.get("/channels/email/unsubscribe/forged.token")).status_code == 400
+
     # The blocked send is explained where the care team looks.
     den = await live.why(runs["Patient/den"]["run"])
     assert den["delivery"][f"Communication/{den_sms['id']}"].startswith("not-done (opted-out")

@@ -117,6 +117,31 @@ def _target(payload: dict[str, Any]) -> str | None:
     return _NOT_ASCII.sub(lambda m: quote(m.group(0), safe=""), url)
 
 
+@router.get("/unsubscribe/{token}")
+@router.post("/unsubscribe/{token}")
+async def unsubscribe(request: Request, token: str) -> Response:
+    """The unsubscribe link of every outreach email (and its RFC 8058 one-click POST): records an opt-out
+    Consent for the patient's email, which governance honours before every later send."""
+    from ..channels.optout import record_opt_out
+
+    try:
+        payload = signing.verify(request.app.state.channel_key, token)
+    except signing.BadToken as exc:
+        raise InvalidRequest("this unsubscribe link is not valid") from exc
+    patient = payload.get("p")
+    if not isinstance(patient, str) or not patient.startswith("Patient/"):
+        raise InvalidRequest("this unsubscribe link is not valid")
+    state = request.app.state
+    journeys = getattr(state, "journeys", None)
+    now = journeys.engine.clock.now() if journeys is not None else time.time()
+    await record_opt_out(state.store, patient, "email", at=now, how="email unsubscribe link",
+                         base_url=state.settings.fhir_base)
+    if request.method == "POST":
+        return fhir_response({"unsubscribed": patient, "channel": "email"}, 200, media_type="application/json")
+    return Response("<!doctype html><title>Unsubscribed</title><p>You will no longer receive email from your "
+                    "care team. Portal messages are not affected.</p>", media_type="text/html; charset=utf-8")
+
+
 @router.get("/click/{token}")
 async def click(request: Request, token: str) -> Response:
     try:

@@ -180,9 +180,16 @@ class Delivery:
         text = str(((comm.get("payload") or [{}])[0]).get("contentString") or "")
         subject = str((comm.get("topic") or {}).get("text") or DEFAULT_SUBJECT)
         body_html = None
+        extra: dict[str, Any] = {}
         if channel == "email":
+            from . import signing
             from .email import text_to_html, tracked_html
 
+            patient_ref = _ref(comm.get("subject"))
+            if patient_ref and str(patient_ref).startswith("Patient/"):
+                token = signing.sign(self.key, {"p": patient_ref, "c": comm_id})
+                extra["unsubscribe"] = f"{self.callback_base}/channels/email/unsubscribe/{token}"
+                text = f"{text}\n\nTo stop these emails: {extra['unsubscribe']}"
             body_html = tracked_html(f"<html><body>{text_to_html(text)}</body></html>", key=self.key,
                                      communication_id=comm_id, callback_base=self.callback_base)
         actions: tuple[Action, ...] = ()
@@ -202,7 +209,7 @@ class Delivery:
                 language = codes[0]
         return Outbound(communication=f"Communication/{comm_id}", channel=channel, to=to, text=text, subject=subject,
                         html=body_html, actions=actions, idempotency_key=comm_id, callback_base=self.callback_base,
-                        language=language)
+                        language=language, extra=extra)
 
     async def _addresses(self, channel: str, recipient: Mapping[str, Any] | None,
                          patient: Mapping[str, Any] | None) -> list[str]:

@@ -111,6 +111,10 @@ def build_message(message: Outbound, sender: str, *, now: datetime | None = None
     msg["Date"] = format_datetime(now or datetime.now(UTC))
     msg["Message-ID"] = message_id(message.idempotency_key or _bare(message.communication), sender)
     msg["X-Outreach-Communication"] = message.communication
+    unsubscribe = message.extra.get("unsubscribe")
+    if unsubscribe:  # RFC 2369 + RFC 8058 one-click: mail clients show an unsubscribe button
+        msg["List-Unsubscribe"] = f"<{unsubscribe}>"
+        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     msg.set_content(message.text, subtype="plain", charset="utf-8", cte="quoted-printable")
     msg.add_alternative(message.html if message.html is not None else text_to_html(message.text),
                         subtype="html", charset="utf-8", cte="quoted-printable")
