@@ -7,8 +7,6 @@ processes can run it side by side.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -20,6 +18,7 @@ import httpx
 from ..fhir.client import SourceClients
 from ..settings import Settings
 from ..store import Store
+from ..work.loop import BackgroundLoop
 from .hooks import HookRegistry, load_master_key
 from .processor import Processor
 from .recovery import check_health, recover
@@ -31,7 +30,8 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class IntakeService:
+class IntakeService(BackgroundLoop):
+    name = "intake"
     def __init__(self, settings: Settings, store: Store, *,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
@@ -41,14 +41,9 @@ class IntakeService:
                                   settings.hooks_base)
         self.processor = Processor(store, self.hooks, self.sources, owner=worker_id())
         self._last_health = 0.0
-        self._task: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
-        self._wake = asyncio.Event()
+        super().__init__()
+        self.poll_seconds = settings.worker_poll_seconds
         self.on_events: Callable[[], None] | None = None  # the journey service's wake-up
-
-    def wake(self) -> None:
-        """Something was just accepted: process it now instead of at the next poll."""
-        self._wake.set()
 
     async def run_once(self) -> int:
         """One round of intake work; returns how many items it handled (0 = idle)."""
@@ -62,31 +57,6 @@ class IntakeService:
                 await check_health(self.processor)
         return handled
 
-    async def drain(self, rounds: int = 50) -> None:
-        """Run until idle (tests and ``inbox process``)."""
-        for _ in range(rounds):
-            if not await self.run_once():
-                return
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="intake-loop")
-
-    async def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                handled = await self.run_once()
-            except Exception:
-                log.exception("intake loop round failed; retrying")
-                handled = 0
-            if not handled:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.settings.worker_poll_seconds)
-                self._wake.clear()
-
     async def aclose(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.stop_loop()
         await self.sources.aclose()

@@ -5,7 +5,6 @@ every ``fhir-outreach worker`` runs it too. Work is shared through leases in the
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from ..intake.topics import load_topics
 from ..settings import Settings
 from ..store import Store
 from ..work.clock import Clock
+from ..work.loop import BackgroundLoop
 from .catalog import Catalog
 from .feed import LocalFeed
 from .runner import Engine, worker_id
@@ -23,7 +23,8 @@ from .runner import Engine, worker_id
 log = logging.getLogger("fhir_outreach.journeys")
 
 
-class JourneyService:
+class JourneyService(BackgroundLoop):
+    name = "journeys"
     def __init__(self, settings: Settings, store: Store, sources: SourceClients, *,
                  clock: Clock | None = None, channels: dict[str, Any] | None = None) -> None:
         self.settings = settings
@@ -47,7 +48,8 @@ class JourneyService:
         self.engine = Engine(store, clock=clock, sources=sources, lease_seconds=settings.journey_lease_seconds,
                              base_url=settings.fhir_base, writeback=writeback, catalog=self.catalog, topics=topics,
                              periodic_source=periodic)
-        self._wake = asyncio.Event()
+        super().__init__()
+        self.poll_seconds = settings.worker_poll_seconds
         self.feed = LocalFeed(store, self.catalog, topics, wake=self.wake)
         from ..channels.delivery import Delivery
         from ..channels.registry import build_channels
@@ -58,11 +60,6 @@ class JourneyService:
         self.channels = channels if channels is not None else build_channels(settings)
         self.delivery = Delivery(store, settings, self.channels, key=self.channel_key, sources=sources,
                                  clock=clock, owner=worker_id())
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        self._wake.set()
 
     async def run_once(self) -> int:
         handled = await self.engine.run_once()
@@ -71,36 +68,8 @@ class JourneyService:
             handled += await self.outbox.run_once()
         return handled
 
-    async def drain(self, rounds: int = 1000) -> int:
-        total = 0
-        for _ in range(rounds):
-            n = await self.run_once()
-            total += n
-            if not n:
-                break
-        return total
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="journey-loop")
-
-    async def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                handled = await self.run_once()
-            except Exception:
-                log.exception("journey loop round failed; retrying")
-                handled = 0
-            if not handled:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.settings.worker_poll_seconds)
-                self._wake.clear()
-
     async def aclose(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.stop_loop()
         for channel in self.channels.values():
             with contextlib.suppress(Exception):
                 await channel.aclose()
