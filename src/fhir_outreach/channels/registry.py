@@ -33,5 +33,5 @@ def build_channels(settings: Settings, *, vapid_key: Any = None,
     sms = sms_channel(settings, transport=transport)
     if sms is not None:
         channels["sms"] = sms
-    log.info("channels: %s", ", ".join(sorted(channels)))
+    log.debug("channels: %s", ", ".join(sorted(channels)))
     return channels
