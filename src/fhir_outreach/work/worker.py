@@ -81,7 +81,8 @@ async def run_worker(settings: Settings, store: Store) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        print("fhir-outreach worker: connected to the store; waiting for work (Ctrl-C to stop)", flush=True)
+        print(f"fhir-outreach worker: connected to the store; channels: {', '.join(sorted(journeys.channels))}; "
+              "waiting for work (Ctrl-C to stop)", flush=True)
         await worker.run()
     finally:
         if intake is not None:
