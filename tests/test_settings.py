@@ -224,3 +224,23 @@ def test_cli_bad_setting_exits_2_with_one_line(monkeypatch: pytest.MonkeyPatch, 
     assert err.endswith("\n") and err.count("\n") == 1, err
     assert err.startswith(line), err
     assert nothing_starts == []
+
+
+@pytest.mark.parametrize(("name", "value", "words"), [
+    ("FHIR_OUTREACH_QUIET_HOURS", "9pm-8am", "HH:MM-HH:MM"),
+    ("FHIR_OUTREACH_QUIET_HOURS", "25:00-08:00", "HH:MM-HH:MM"),
+    ("FHIR_OUTREACH_DEFAULT_TIMEZONE", "Mars/Olympus", "unknown time zone"),
+    ("FHIR_OUTREACH_WRITEBACK_SOURCE", "nowhere", "no source named"),
+    ("FHIR_OUTREACH_SMS_PROVIDER", "carrier-pigeon", "FHIR_OUTREACH_SMS_PROVIDER"),
+])
+def test_channel_settings_are_checked_at_start(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
+                                               words: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_quiet_hours_may_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FHIR_OUTREACH_QUIET_HOURS", "")
+    assert load_settings().quiet_hours is None

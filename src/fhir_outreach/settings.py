@@ -9,6 +9,7 @@ built once by the CLI (or a test) and injected into the application; nothing rea
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -133,6 +134,26 @@ class Settings(BaseSettings):
             raise ValueError(f"FHIR_OUTREACH_WRITEBACK_SOURCE: no source named {self.writeback_source!r} "
                              f"(configured: {', '.join(names) or 'none'})")
         return self
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", value.strip()):
+            raise ValueError(f"quiet hours must look like HH:MM-HH:MM (e.g. 21:00-08:00), got {value!r}")
+        return value.strip()
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as Europe/Paris)") from exc
+        return value
 
     @model_validator(mode="after")
     def _jwt_complete(self) -> Settings:
