@@ -6,6 +6,8 @@ SMS when another worker takes the message over."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -124,16 +126,20 @@ async def test_transient_is_retried_permanent_blocks_missing_channel_says_so(
 
 
 class DiesAfterSending:
-    """The real SMS adapter, in a worker that dies right after the provider accepted the message."""
+    """The real SMS adapter, in a worker that stops dead right after the provider accepted the message
+    (the test then cancels it, as a kill would end it: nothing after the send runs)."""
 
     name = "sms"
 
     def __init__(self, real: Channel) -> None:
         self.real = real
+        self.sent = asyncio.Event()
 
     async def send(self, message: Outbound) -> Sent:
         await self.real.send(message)
-        raise SystemExit("worker killed between the provider's answer and our status update")
+        self.sent.set()
+        await asyncio.Event().wait()  # never returns
+        raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         await self.real.aclose()
@@ -143,12 +149,14 @@ async def test_a_worker_killed_after_sending_causes_no_second_sms(store: Store, 
                                                                    peer: SmsPeer) -> None:
     clock = ManualClock(MORNING)
     settings = settings_for(make_settings, peer, quiet_hours="")
-    first = Delivery(store, settings, {"sms": DiesAfterSending(TwilioChannel(
-        peer.api_url, peer.account_sid, peer.auth_token, "+15005550006"))}, key=b"k" * 32, clock=clock,
-        owner="w1", lease_seconds=30)
+    dying = DiesAfterSending(TwilioChannel(peer.api_url, peer.account_sid, peer.auth_token, "+15005550006"))
+    first = Delivery(store, settings, {"sms": dying}, key=b"k" * 32, clock=clock, owner="w1", lease_seconds=30)
     await message(store, "k1", clock=clock)
-    with pytest.raises(SystemExit):
-        await first.run_once()
+    worker = asyncio.create_task(first.run_once())
+    await asyncio.wait_for(dying.sent.wait(), 10)
+    worker.cancel()  # killed: no status update, the lease stays until it expires
+    with contextlib.suppress(asyncio.CancelledError):
+        await worker
     assert len(peer.messages) == 1 and (await comm(store, "k1"))["status"] == "preparation"
     sms = TwilioChannel(peer.api_url, peer.account_sid, peer.auth_token, "+15005550006")
     second = Delivery(store, settings, {"sms": sms}, key=b"k" * 32, clock=clock, owner="w2", lease_seconds=30)

@@ -96,15 +96,17 @@ class Delivery:
     async def run_once(self, limit: int = 50) -> int:
         claimed = await self.store.claim_records(DELIVERY, owner=self.owner, now=self.clock.now(),
                                                  lease_seconds=self.lease_seconds, limit=limit)
-        for rec in claimed:
-            try:
-                await self.deliver(rec)
-            except (SourceUnavailable, SourceError) as exc:
-                await self._retry(rec, f"reading the recipient: {exc.diagnostics}")
-            except Exception as exc:  # never lose a message: log, back off, try again
-                log.exception("delivery %s failed unexpectedly", rec.key)
-                await self._retry(rec, f"{type(exc).__name__}: {exc}")
+        await asyncio.gather(*(self._one(rec) for rec in claimed))  # leased messages are independent
         return len(claimed)
+
+    async def _one(self, rec: Record) -> None:
+        try:
+            await self.deliver(rec)
+        except (SourceUnavailable, SourceError) as exc:
+            await self._retry(rec, f"reading the recipient: {exc.diagnostics}")
+        except Exception as exc:  # never lose a message: log, back off, try again
+            log.exception("delivery %s failed unexpectedly", rec.key)
+            await self._retry(rec, f"{type(exc).__name__}: {exc}")
 
     # --- one message -------------------------------------------------------------------------------
 
