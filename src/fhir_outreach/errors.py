@@ -90,6 +90,13 @@ class Conflict(FhirError):
     code = "conflict"
 
 
+class CommitInProgress(Conflict):
+    """Another commit that touches this resource has not finished yet (MongoDB multi-write commits): not
+    "it exists", but "try again shortly"."""
+
+    retryable = True
+
+
 class Gone(FhirError):
     status = HTTPStatus.GONE
     code = "deleted"

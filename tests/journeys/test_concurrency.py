@@ -21,9 +21,9 @@ expire, and a new engine with a new owner takes its place. Then everything is dr
 
 A second property stops workers mid-round (a long pause with work in hand) while the others take their
 work over once the leases expire, then lets them go on. Fixed scenarios: a worker killed after each store
-call of a round in turn, and three workers claiming one item at a time. The last tests are known bugs
-(strict xfails): a member left active by a crash, and two ways a worker that outlived its lease acts on
-a stale copy of a run.
+call of a round in turn, and three workers claiming one item at a time. The last tests pin bugs these
+tests found and that are fixed: a member left active by a crash, and two ways a worker that outlived its
+lease acted on a stale copy of a run.
 """
 
 from __future__ import annotations
@@ -639,10 +639,7 @@ async def readmission(store: Store, crash: bool) -> None:
 
 @pytest.mark.parametrize("crash", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "runner.Engine._finish stores the run as done and only then ends its member record (_end_member); a "
-        "worker killed in between leaves the member 'active' for ever (a done run is never claimed again), so "
-        "enrol() refuses every later entry for that patient and binding key: 'run ... is still active'"))),
+    True,
 ], ids=["no-crash", "killed-between-run-done-and-member-done"])
 def test_a_crash_after_a_run_ends_leaves_its_member_active(stores: Stores, crash: bool) -> None:
     asyncio.run(stores.run(readmission, crash))
@@ -672,11 +669,6 @@ async def stale_worker(store: Store) -> World:
     return world
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.Engine.advance/_execute go on executing steps on the in-memory copy of a run claimed under a lease "
-    "that has since expired; nothing checks the lease before a side effect, so a worker that paused past "
-    "its lease sends an SMS for a run another worker already ended on the read (only the final "
-    "save_record notices, after the side effects)"))
 def test_a_stopped_worker_acts_on_a_stale_run(stores: Stores) -> None:
     asyncio.run(stores.run(stale_worker))
 
@@ -706,10 +698,5 @@ async def stale_group(store: Store) -> World:
     return world
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runner.Engine._save writes the RequestGroup (unconditionally, no If-Match; skipped only when the digest "
-    "in its own copy of the run matches) before the compare-and-set of the run record; a worker whose lease "
-    "expired overwrites the RequestGroup of a run that another worker has since finished with its stale view "
-    "('active', fewer actions), and it stays that way"))
 def test_a_stopped_worker_overwrites_the_request_group_of_a_finished_run(stores: Stores) -> None:
     asyncio.run(stores.run(stale_group))

@@ -53,12 +53,7 @@ WAVES = 10
 MIN_KILLS = 6
 
 
-MONGO_BUG = pytest.mark.xfail(strict=False, reason=(
-    "intermittent (about 1 run in 6 with three workers): a worker killed between the two writes of an "
-    "output's commit on MongoDB; see test_mongo_a_worker_killed_inside_the_output_commit"))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("mongo", marks=MONGO_BUG)])
+@pytest.fixture(params=["sqlite", "mongo"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "mongo":
         return f"{request.getfixturevalue('mongo_base_url')}/jc{uuid.uuid4().hex[:12]}"
@@ -295,11 +290,5 @@ async def killed_inside_the_output_commit(url: str) -> None:
         await store.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "steps._write_outputs takes every Conflict from the create-only commit for 'already written by an "
-    "earlier attempt'; the MongoDB store also raises Conflict for 'part of a commit in progress' (the "
-    "journaled two-write commit of a worker killed between its writes, until the journal is 10 s stale), "
-    "so the retrying worker records a Communication that is then rolled back: the run names an output "
-    "that does not exist, and the patient never gets it"))
 def test_mongo_a_worker_killed_inside_the_output_commit(mongo_base_url: str) -> None:
     asyncio.run(killed_inside_the_output_commit(f"{mongo_base_url}/jk{uuid.uuid4().hex[:12]}"))

@@ -31,7 +31,7 @@ from ..fhir.search import parse_query
 from ..intake.processor import EVENT
 from ..intake.topics import Topic, load_topics
 from ..store import Store, Write
-from ..store.base import Record, prepare
+from ..store.base import MUST_NOT_EXIST, Record, prepare
 from ..work.clock import Clock, SystemClock, fhir_instant, to_datetime
 from . import steps
 from .catalog import CONTROL, Catalog
@@ -46,6 +46,7 @@ MEMBER = "member"
 TICK = "tick"
 DELIVERY = "delivery"  # a non-portal message handed to the channel layer
 HELD = "held"  # run state while its journey is paused (not claimable)
+RUN_REVISION_URL = "http://fhir-outreach.org/StructureDefinition/run-revision"
 MAX_STEPS_PER_ROUND = 200
 Writeback = Callable[[Sequence[dict[str, Any]]], Awaitable[None]]
 
@@ -74,6 +75,9 @@ class RunContext:
         self._evidence: list[str] = []
         self.notes: list[str] = []
         self.written: list[str] = []
+
+    async def ensure_lease(self) -> None:
+        await self.engine.ensure_lease(self.rec)
 
     # --- facts ---------------------------------------------------------------------------------------
 
@@ -304,7 +308,7 @@ class Engine:
             else:
                 if journey.reentry == "never":
                     return "already enrolled (re-entry: never)"
-                if member.state == "active":
+                if member.state == "active" and not await self._member_run_over(member):
                     return f"run {member.data.get('run')} is still active for this patient and binding key"
                 if journey.reentry == "after" and journey.reentry_interval:
                     allowed = add_duration(to_datetime(float(member.data.get("started") or 0)),
@@ -330,6 +334,16 @@ class Engine:
                 "step": journey.first, "status": "active", "path": [], "outputs": [], "started": now}), now=now)
             return f"run {run_id}"
         return "enrolment kept changing under us; will retry"
+
+    async def _member_run_over(self, member: Record) -> bool:
+        """An ``active`` member whose run is over (a worker died between ending the run and the member):
+        repair it here, so re-entry is not blocked forever."""
+        run = await self.store.get_record(RUN, str(member.data.get("run")))
+        if run is not None and run.state != "done":
+            return False
+        member.state = "done"
+        await self.store.save_record(member, now=self.clock.now())  # if another changed it, enrol's save fails
+        return True
 
     async def _deliver(self, rec: Record, patient: str) -> list[str]:
         resumed = []
@@ -414,6 +428,8 @@ class Engine:
     async def _one_run(self, rec: Record) -> None:
         try:
             await self.advance(rec)
+        except _Abandon as exc:
+            log.warning("%s; this worker stops acting for it", exc)
         except _Retry as exc:
             await self._release(rec, exc.delay, exc.reason)
         except Exception as exc:  # never let one run stop the others
@@ -595,15 +611,28 @@ class Engine:
             member.state = "done"
             await self.store.save_record(member, now=self.clock.now())
 
+    async def ensure_lease(self, rec: Record) -> None:
+        """Before acting for a run: once half the lease has passed, renew it with a compare-and-set; if another
+        worker has taken the run meanwhile (this one paused past its lease), give the round up (``_Abandon``)
+        instead of writing for a run it no longer holds. Rounds normally end in milliseconds, so this
+        rarely costs a write."""
+        now = self.clock.now()
+        if now < rec.lease_until - self.lease_seconds / 2:
+            return
+        rec.lease_until = now + self.lease_seconds
+        if not await self.store.save_record(rec, now=now):
+            raise _Abandon(f"run {rec.key} was taken over by another worker")
+
     async def _save(self, ctx: RunContext, rec: Record, journey: Journey) -> None:
         """Write the RequestGroup, release the lease and store the run (compare-and-set)."""
+        await self.ensure_lease(rec)
         group = request_group(rec, journey)
         written: list[dict[str, Any]] = []
         digest = hashlib.sha256(orjson.dumps(group, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
         if rec.data.get("rg_hash") != digest:  # unchanged since the last save: no new version
-            [res] = await self.store.commit([prepare(Write("RequestGroup", rec.key, group), self.base_url)],
-                                            now=to_datetime(ctx.now))
-            written.append(res.stored.resource or group)
+            stored_group = await self._write_group(rec, group, ctx.now)
+            if stored_group is not None:
+                written.append(stored_group)
             rec.data["rg_hash"] = digest
         if self.writeback is not None:
             outputs = []
@@ -618,6 +647,32 @@ class Engine:
         if not await self.store.save_record(rec, now=ctx.now):
             log.warning("run %s changed while this worker held it (lease expired?); its next owner goes on", rec.key)
         ctx.written = []
+
+    async def _write_group(self, rec: Record, group: dict[str, Any], now: float) -> dict[str, Any] | None:
+        """Write the run's RequestGroup fenced by the run record's revision: it carries the revision the run
+        will have once this save lands, and a group already showing a later revision is left alone, with the
+        write itself conditional on the version read (so a worker that lost the run cannot roll it back)."""
+        revision = rec.rev + 1
+        group = {**group, "extension": [*group.get("extension", []),
+                                        {"url": RUN_REVISION_URL, "valueInteger": revision}]}
+        for _ in range(5):
+            stored = await self.store.read("RequestGroup", rec.key)
+            expect = MUST_NOT_EXIST
+            if stored is not None and stored.resource is not None:
+                theirs = next((e.get("valueInteger", 0) for e in stored.resource.get("extension") or []
+                               if e.get("url") == RUN_REVISION_URL), 0)
+                if theirs >= revision:
+                    return None  # a later state of the run is already there
+                expect = stored.version
+            elif stored is not None:
+                expect = stored.version  # deleted: write over it
+            try:
+                [res] = await self.store.commit([prepare(Write("RequestGroup", rec.key, group, expect=expect),
+                                                         self.base_url)], now=to_datetime(now))
+            except (PreconditionFailed, Conflict):
+                continue  # written meanwhile: look again
+            return res.stored.resource or group
+        return None
 
     async def _stop_run(self, rec: Record, status: str, reason: str, *, leased: bool = False) -> bool:
         now = self.clock.now()
@@ -748,6 +803,10 @@ class _Retry(Exception):
         super().__init__(reason)
         self.delay = delay
         self.reason = reason
+
+
+class _Abandon(Exception):
+    """This worker no longer holds the run (its lease expired and another worker took it)."""
 
 
 class _Busy(FhirError):

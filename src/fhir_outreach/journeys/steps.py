@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from liquid.exceptions import LiquidError
 
-from ..errors import Conflict, PreconditionFailed
+from ..errors import CommitInProgress, Conflict, PreconditionFailed
 from ..fhir.fhirpath import FhirPathError
 from ..store import Write
 from ..store.base import MUST_NOT_EXIST, prepare
@@ -131,9 +131,16 @@ async def _write_outputs(ctx: RunContext, resource: dict[str, Any], *, template:
         prov["entity"].insert(0, {"role": "source", "what": {"reference": ctx.trigger_ref}})
     writes = [prepare(Write(rtype, rid, resource, expect=MUST_NOT_EXIST), ctx.base_url),
               prepare(Write("Provenance", str(prov["id"]), prov, expect=MUST_NOT_EXIST), ctx.base_url)]
+    await ctx.ensure_lease()  # a worker that lost the run to another must not act for it
     try:
         await ctx.store.commit(writes, now=to_datetime(ctx.now))
-    except Conflict:  # written before a crash: the deterministic id finds it
+    except CommitInProgress:
+        raise  # another attempt's commit is unfinished: not "already written"; the runner retries later
+    except Conflict as exc:  # written before a crash: the deterministic ids find both
+        for ref_type, ref_id in ((rtype, rid), ("Provenance", str(prov["id"]))):
+            found = await ctx.store.read(ref_type, ref_id)
+            if found is None or found.deleted:
+                raise Conflict(f"{ref_type}/{ref_id} is not there although its id is taken; retry") from exc
         ctx.note(f"{rtype}/{rid} already written by an earlier attempt")
     refs = [f"{rtype}/{rid}", f"Provenance/{prov['id']}"]
     ctx.produced(refs)
@@ -358,6 +365,7 @@ async def run_update(ctx: RunContext, step: Step) -> Outcome:
     note = f"{rtype}/{rid}: " + ", ".join(f"{p} = {v!r}" for p, v in values)
     if not changed:
         return Outcome("go", step.next, note=note + " (already set)", evidence=[f"{rtype}/{rid}"])
+    await ctx.ensure_lease()
     try:
         await ctx.write_update(updated, version)
     except PreconditionFailed:

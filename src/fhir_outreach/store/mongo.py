@@ -39,7 +39,14 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
-from ..errors import Conflict, FhirError, InvalidRequest, PreconditionFailed, StoreUnavailable
+from ..errors import (
+    CommitInProgress,
+    Conflict,
+    FhirError,
+    InvalidRequest,
+    PreconditionFailed,
+    StoreUnavailable,
+)
 from ..fhir.search import Clause, Pred, Query
 from .base import (
     MUST_NOT_EXIST,
@@ -415,7 +422,7 @@ class MongoStore:
         if time.time() - journal["at"] > self.journal_timeout:
             await self._rollback(journal)
             return True
-        raise Conflict("the resource is part of a commit in progress; retry")
+        raise CommitInProgress("the resource is part of a commit in progress; retry")
 
     async def _resolve_taken(self, key: str, vn: int) -> None:
         """Version ``vn`` of ``key`` exists although the current document is older: either its writer is
