@@ -118,13 +118,18 @@ def test_worker_starts_connects_and_stops(tmp_path: Path) -> None:
     proc = subprocess.Popen([EXE, "worker"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "connected to the store" in line
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0
-    assert "worker stopped after" in out
+    try:
+        line = proc.stdout.readline()
+        assert "connected to the store" in line
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert "worker stopped after" in out
+    finally:
+        if proc.poll() is None:  # a failed assertion must not leave the worker running
+            proc.kill()
+            proc.wait()
 
 
 def test_worker_reports_unreachable_mongo(tmp_path: Path) -> None:
