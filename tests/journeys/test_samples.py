@@ -174,21 +174,37 @@ async def test_pregnancy_first_appointment_confirms_reminds_and_stops_on_cancel(
     assert why["steps"][2]["at"] == "2026-03-08T09:00:00Z"  # fired on time on the manual clock
 
 
+def permit_outreach(pid: str) -> dict[str, Any]:
+    """The patient agreed to outreach (education) messages: education is outreach, and outreach consent is
+    restrictive by default (FHIR_OUTREACH_CONSENT_OUTREACH)."""
+    return {"resourceType": "Consent", "id": f"permit-{pid}", "status": "active",
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                                  "code": "patient-privacy"}]},
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"reference": f"Patient/{pid}"}, "policyRule": {"text": "agreed to education messages"},
+            "provision": {"type": "permit", "purpose": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HMARKT"}]}}
+
+
 async def test_pregnancy_education_after_a_fulfilled_prenatal_visit(live: Live) -> None:
-    await setup(live, "pregnancy-appointment-education", person("ann"), person("bea"))
+    await setup(live, "pregnancy-appointment-education", person("ann"), person("bea"), person("cat"))
     await live.put(condition("preg-ann", "ann", "77386006"))
-    for pid in ("ann", "bea"):
+    await live.put(condition("preg-cat", "cat", "77386006"))
+    await live.put(permit_outreach("ann"))  # cat gave no consent to outreach
+    for pid in ("ann", "bea", "cat"):
         appt = appointment(f"v-{pid}", pid, "booked", "424619006", "2026-03-01T07:00:00Z")
         await live.put(appt)
         await live.put({**appt, "status": "fulfilled"})
     await live.drain()
     [first] = await outputs(live, "Communication", "ann")
-    assert "what to expect" in text(first)
+    assert "what to expect" in text(first) and first["status"] == "in-progress"
+    [refused] = await outputs(live, "Communication", "cat")  # no outreach consent: not written to the inbox
+    assert refused["status"] == "not-done" and refused["statusReason"]["coding"][0]["code"] == "consent"
     await live.advance(days=6)
     assert len(await outputs(live, "Communication", "ann")) == 1
     await live.advance(days=1, seconds=1)
     second = (await outputs(live, "Communication", "ann"))[-1]
-    assert "Healthy habits" in text(second)
+    assert "Healthy habits" in text(second) and second["status"] == "in-progress"
     assert await outputs(live, "Communication", "bea") == []  # no pregnancy recorded
     why_bea = await live.why(next(r["run"] for r in await live.runs() if r["patient"] == "Patient/bea"))
     assert why_bea["steps"][0]["values"][0]["value"] is False

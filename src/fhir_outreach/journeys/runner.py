@@ -79,6 +79,12 @@ class RunContext:
     async def ensure_lease(self) -> None:
         await self.engine.ensure_lease(self.rec)
 
+    async def portal_block(self, comm: dict[str, Any]) -> tuple[str, str] | None:
+        """(reason, detail) when consent or an opt-out forbids this portal message, else None."""
+        if self.engine.portal_guard is None:
+            return None
+        return await self.engine.portal_guard(comm, await self.patient(), self.now)
+
     # --- facts ---------------------------------------------------------------------------------------
 
     def note(self, text: str) -> None:
@@ -207,6 +213,9 @@ class Engine:
         self.catalog = catalog or Catalog(store)
         self.topics = dict(topics) if topics is not None else load_topics()
         self.periodic_source = periodic_source
+        # (communication, patient, now) -> (reason, detail) when a portal message may not be written
+        self.portal_guard: Callable[[dict[str, Any], dict[str, Any] | None, float],
+                                    Awaitable[tuple[str, str] | None]] | None = None
         self.steps_executed = 0
 
     # --- the loop ------------------------------------------------------------------------------------

@@ -60,6 +60,19 @@ class JourneyService(BackgroundLoop):
         self.channels = channels if channels is not None else build_channels(settings)
         self.delivery = Delivery(store, settings, self.channels, key=self.channel_key, sources=sources,
                                  clock=clock, owner=worker_id())
+        self.engine.portal_guard = self._portal_guard
+
+    async def _portal_guard(self, comm: dict[str, Any], patient: dict[str, Any] | None,
+                            now: float) -> tuple[str, str] | None:
+        """Consent and opt-outs apply to portal messages too; quiet hours and caps do not (an inbox
+        message interrupts no one), so a 'hold' is a send here."""
+        from ..channels import governance
+
+        decision = await governance.decide(self.store, comm, patient=patient, channel="portal", now=now,
+                                           settings=self.settings, created=now)
+        if decision.action == "block" and decision.reason in ("consent", "opted-out"):
+            return str(decision.reason), decision.detail
+        return None
 
     async def run_once(self) -> int:
         handled = await self.engine.run_once()

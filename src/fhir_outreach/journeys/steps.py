@@ -199,6 +199,13 @@ async def run_message(ctx: RunContext, step: Step, seq: int) -> Outcome:
         comm["about"] = [{"reference": ctx.trigger_ref}]
     if medium == "portal":
         comm["sent"] = fhir_instant(ctx.now)
+        blocked = await ctx.portal_block(comm)
+        if blocked is not None:  # the portal has no delivery queue: consent is checked here, before writing
+            reason, detail = blocked
+            comm.pop("sent")
+            comm["status"] = "not-done"
+            comm["statusReason"] = {"coding": [{"system": "http://fhir-outreach.org/CodeSystem/delivery-reason",
+                                                "code": reason}], "text": detail}
     refs = await _write_outputs(ctx, comm, template=tpl.canonical)
     await ctx.hand_to_channel(comm, medium)
     return Outcome("go", step.next, note=f"{medium} message {refs[0]}", outputs=refs,
