@@ -481,8 +481,11 @@ class SqliteStore:
         if group is not None:
             where.append("grp = ?")
             args.append(group)
+        # With a group, the unary + keeps SQLite off the (kind, created) index, whose full scan grows with every
+        # record of the kind; (kind, grp, state) narrows to the group's few rows, sorted afterwards.
+        order = "+created DESC, key" if group is not None else "created DESC, key"
         sql = (f"SELECT {_RECORD_COLS} FROM records WHERE {' AND '.join(where)} "
-               "ORDER BY created DESC, key LIMIT ? OFFSET ?")
+               f"ORDER BY {order} LIMIT ? OFFSET ?")
         return await self._read(lambda conn: [_record(r) for r in conn.execute(sql, [*args, limit, offset])])
 
     async def count_records(self, kind: str) -> dict[tuple[str, str], int]:
