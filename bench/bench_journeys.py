@@ -11,12 +11,14 @@ wire-protocol server written in Python on SQLite: *not* mongod). Journeys are lo
    Encounters (batch Bundles) and waits until the worker has handled their events. The measured phase sends
    ``PUT /fhir/Encounter/{id}`` (status ``finished``) open loop: request i goes out at t0 + i/rate whatever
    the earlier ones are doing (one keep-alive connection per in-flight request, a new one when all are busy).
-   Latency of trigger i = (stored time of the first Communication/Task of its patient) - (client time just
-   before the PUT was written to the socket). The stored time is the output's ``meta.lastUpdated`` (1 ms
-   resolution): the engine stamps a run's writes with the time it began executing that run, so this is a
-   lower bound that leaves out the run's own steps before the write. The upper bound is the next time stamp
-   that worker wrote after it (the next run it began, or the next event it finished); a worker executes one
-   run at a time, so by then the output was stored. Both use the machine's one clock (same host).
+   The first output of trigger i (the portal Communication: the patients have no high-risk Condition) has an
+   id the engine derives from the run, so it is known in advance. Latency = (the time an observer process
+   first found it in the store) - (client time just before the PUT was written to the socket). The observer
+   polls read-only (``read_many``) every ``--observe-interval`` s for the oldest ``--observe-window`` unseen
+   outputs of the triggers already sent, and all of them once a second; resolution = interval + query time.
+   The output's ``meta.lastUpdated`` is reported as a lower bound (the engine stamps a run's writes with the
+   time it began executing the run). All times come from the host's one clock. Outputs missing
+   ``--drain-limit`` s after the last send count as unfinished. ``--inprocess`` runs the engine inside serve.
 2. ``steps``: the bench-only journey ``bench/journey_steps.yaml`` (branch -> portal message -> branch ->
    task -> end, five instant steps per run). N runs are put in the store before the worker starts, either as
    ``run`` records already enrolled and due (``--enrol runs``: pure step execution) or as ``event`` records
@@ -32,11 +34,12 @@ wire-protocol server written in Python on SQLite: *not* mongod). Journeys are lo
    measure the backlog, not the timer.
 
 It prints a table per phase and writes JSON (``--out``, default ``bench/results/journeys-<stores>-<time>.json``).
-Every process it starts is stopped by pid on exit, error, Ctrl-C or SIGTERM.
+Every process it starts is stopped by pid on exit, error, Ctrl-C or SIGTERM. It runs against a copy of ``src/``
+taken at start (others edit the working tree meanwhile; ``--no-snapshot`` to run the tree as it is).
 
     /work/venv/bin/python bench/bench_journeys.py --quick                       # smoke, both stores
-    /work/venv/bin/python bench/bench_journeys.py --store sqlite --phases latency,steps,waits
-    /work/venv/bin/python bench/bench_journeys.py --store mongo --phases steps --profile
+    /work/venv/bin/python bench/bench_journeys.py --store sqlite --phases latency --rate 200,100,20
+    /work/venv/bin/python bench/bench_journeys.py --store mongo --phases steps --enrol runs --profile
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ def _snapshot_sources() -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
-_snapshot_sources()
+if __name__ == "__main__":  # not when imported
+    _snapshot_sources()
 from bench_api import (  # noqa: E402
     BIN,
     NX,
